@@ -1,0 +1,189 @@
+"""Write a small synthetic UCF-101: real XVID AVI clips in the exact UCF-101 layout, with split lists.
+
+    python synthetic_ucf101.py --out synthetic --classes 8
+
+writes synthetic/UCF-101/<Class>/v_<Class>_gGG_cCC.avi and synthetic/ucfTrainTestlist/{classInd,trainlist0N,
+testlist0N}.txt (CRLF, 25 groups per class, test groups 1-7 / 8-14 / 15-21 for splits 1 / 2 / 3).
+
+Two kinds of classes test what the handout is about:
+- appearance classes: a scene whose colours and shape give the class away in any single frame;
+- motion pairs (SlideLeft/SlideRight, Grow/Shrink, SpinClockwise/SpinCounterClockwise, FadeIn/FadeOut): both
+  members of a pair share one appearance and differ only in the direction of a periodic motion. Every frame's
+  position in the cycle is uniformly distributed, so one frame carries no information about which member it is:
+  a single-frame model is at chance (50%) inside a pair, a sequence model is not.
+"""
+import argparse
+import colorsys
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+
+from helperFunctions import atomic_path
+
+# (direction -1, direction +1): the second member's motion runs forward through the cycle, the first backward.
+MOTIONS = [('SlideLeft', 'SlideRight'), ('Shrink', 'Grow'), ('SpinCounterClockwise', 'SpinClockwise'),
+           ('FadeOut', 'FadeIn')]
+# HandstandPushups comes first on purpose: like the real UCF-101, its files are named v_HandStandPushups_*.
+APPEARANCES = ['HandstandPushups', 'Archery', 'Basketball', 'Bowling', 'Drumming', 'Fencing', 'Rowing', 'Surfing',
+               'Typing', 'YoYo', 'Billiards', 'Diving']
+FILE_PREFIX = {'HandstandPushups': 'HandStandPushups'}
+SHAPES = ['disk', 'square', 'ring', 'cross']
+
+
+def class_specs(n_classes, n_pairs=None):
+    """[(name, family, direction)]: families index appearances; direction is +1/-1 for motion pairs, 0 else."""
+    n_pairs = min(len(MOTIONS), n_classes // 4 if n_pairs is None else n_pairs)
+    specs = []
+    for p in range(n_pairs):
+        specs += [(MOTIONS[p][0], p, -1), (MOTIONS[p][1], p, +1)]
+    for a in range(n_classes - 2 * n_pairs):
+        base = APPEARANCES[a % len(APPEARANCES)]
+        name = base if a < len(APPEARANCES) else f'{base}{a // len(APPEARANCES) + 1}'
+        specs.append((name, n_pairs + a, 0))
+    return sorted(specs, key=lambda s: s[0].lower())
+
+
+def family_look(family, n_families):
+    """Background colour, object colour and shape shared by every clip of a family."""
+    hue = (family * 0.61803) % 1.0
+    background = np.array(colorsys.hsv_to_rgb(hue, 0.45, 0.55)) * 255
+    foreground = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.9, 0.95)) * 255
+    return background, foreground, SHAPES[family % len(SHAPES)]
+
+
+def render_clip(name, family, direction, n_families, n_frames, width, height, rng):
+    """(n_frames, height, width, 3) uint8 frames of one clip."""
+    background, foreground, shape = family_look(family, n_families)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    # A per-clip low-frequency texture and brightness so that clips of a class are not identical.
+    fx, fy, phase = rng.uniform(1, 4), rng.uniform(1, 4), rng.uniform(0, 2 * np.pi)
+    texture = 18 * np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + phase)
+    scene = np.clip(background * rng.uniform(0.8, 1.2) + texture[..., None], 0, 255).astype(np.float32)
+    size = min(width, height)
+    radius = size * rng.uniform(0.12, 0.2)
+    cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+    cycle = rng.uniform(0, 1)                      # where in its periodic motion the clip starts
+    period = rng.uniform(0.6, 1.0) * max(n_frames, 24)  # frames per cycle: about one cycle per clip
+    motion = family if direction else None  # which of MOTIONS moves this clip
+    frames = np.empty((n_frames, height, width, 3), np.uint8)
+    for t in range(n_frames):
+        u = (cycle + direction * t / period) % 1.0  # position in the cycle, uniform over [0, 1) at any t
+        x, y, r, brightness = cx, cy, radius, 1.0
+        if motion == 0:
+            x = u * (width + 2 * radius) - radius
+        elif motion == 1:
+            r = size * (0.06 + 0.3 * u)
+        elif motion == 2:  # clockwise on screen, where y points down
+            x = width / 2 + 0.3 * size * np.cos(2 * np.pi * u)
+            y = height / 2 + 0.3 * size * np.sin(2 * np.pi * u)
+        elif motion == 3:
+            brightness = 0.15 + 0.85 * u
+        elif motion is None:  # appearance classes jitter in place, without a direction
+            x += rng.normal(0, 0.01 * size)
+            y += rng.normal(0, 0.01 * size)
+        dx, dy = np.abs(xx - x), np.abs(yy - y)
+        if shape == 'disk':
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif shape == 'square':
+            mask = (dx <= r) & (dy <= r)
+        elif shape == 'ring':
+            d2 = dx ** 2 + dy ** 2
+            mask = (d2 <= r ** 2) & (d2 >= (0.55 * r) ** 2)
+        else:
+            mask = ((dx <= r) & (dy <= 0.3 * r)) | ((dy <= r) & (dx <= 0.3 * r))
+        frame = np.where(mask[..., None], foreground * brightness, scene * brightness)
+        frame += rng.normal(0, 4, size=(1, width, 1)).astype(np.float32)  # cheap per-frame sensor noise
+        frames[t] = np.clip(frame, 0, 255)
+    return frames
+
+
+def write_avi(path, frames, fps, codec='libxvid', quality=3):
+    """Encode frames as an MPEG-4 part 2 AVI (XVID, like UCF-101), atomically."""
+    import imageio_ffmpeg
+    height, width = frames.shape[1:3]
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            tmp, (width, height), fps=fps, codec=codec, quality=None, macro_block_size=1,
+            output_params=['-qscale:v', str(quality), '-g', '12', '-vtag', 'XVID'], ffmpeg_log_level='error')
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+
+
+def _write_clip(job):
+    root, rel, name, family, direction, n_families, n_frames, fps, width, height, seed, codec = job
+    rng = np.random.RandomState(seed)
+    frames = render_clip(name, family, direction, n_families, n_frames, width, height, rng)
+    write_avi(os.path.join(root, rel), frames, fps, codec)
+    return rel, n_frames
+
+
+def write_lists(list_dir, classes, clips):
+    """classInd.txt and the three train/test lists, with UCF-101's CRLF line endings."""
+    os.makedirs(list_dir, exist_ok=True)
+
+    def write(name, lines):
+        with atomic_path(os.path.join(list_dir, name)) as tmp, open(tmp, 'w', newline='') as f:
+            f.write(''.join(line + '\r\n' for line in lines))
+
+    write('classInd.txt', [f'{i + 1} {c}' for i, c in enumerate(classes)])
+    for split in (1, 2, 3):
+        test_groups = range(7 * split - 6, 7 * split + 1)
+        write(f'trainlist{split:02d}.txt',
+              [f'{rel} {label + 1}' for rel, label, group in clips if group not in test_groups])
+        write(f'testlist{split:02d}.txt', [rel for rel, label, group in clips if group in test_groups])
+
+
+def make_dataset(out, n_classes=8, n_pairs=None, groups=25, clips_per_group=(1, 2), frames=(40, 160),
+                 width=320, height=240, seed=0, jobs=None, codec='libxvid'):
+    """Write the dataset under `out`; returns {relative clip path: number of frames}."""
+    specs = class_specs(n_classes, n_pairs)
+    n_families = max(f for _, f, _ in specs) + 1
+    rng = np.random.RandomState(seed)
+    data_root = os.path.join(out, 'UCF-101')
+    clips, jobs_list = [], []
+    for label, (name, family, direction) in enumerate(specs):
+        prefix = FILE_PREFIX.get(name, name)
+        for group in range(1, groups + 1):
+            for c in range(1, rng.randint(clips_per_group[0], clips_per_group[1] + 1) + 1):
+                rel = f'{name}/v_{prefix}_g{group:02d}_c{c:02d}.avi'
+                n_frames = int(rng.randint(frames[0], frames[1] + 1))
+                fps = float(rng.choice([25.0, 29.97]))
+                clips.append((rel, label, group))
+                jobs_list.append((data_root, rel, name, family, direction, n_families, n_frames, fps, width, height,
+                                  int(rng.randint(2 ** 31)), codec))
+    with multiprocessing.Pool(jobs or os.cpu_count()) as pool:
+        written = dict(pool.imap_unordered(_write_clip, jobs_list, chunksize=4))
+    write_lists(os.path.join(out, 'ucfTrainTestlist'), [s[0] for s in specs], clips)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', '-o', default='synthetic', help='folder to write UCF-101/ and ucfTrainTestlist/ into')
+    p.add_argument('--classes', type=int, default=8, help='number of classes')
+    p.add_argument('--pairs', type=int, default=None, help='motion pairs among them (default: classes // 4)')
+    p.add_argument('--groups', type=int, default=25, help='groups per class (UCF-101 has 25)')
+    p.add_argument('--clips-per-group', type=int, nargs=2, default=(1, 2), metavar=('MIN', 'MAX'))
+    p.add_argument('--frames', type=int, nargs=2, default=(40, 160), metavar=('MIN', 'MAX'),
+                   help='clip length range in frames (some below the 120 of an LSTM sequence)')
+    p.add_argument('--width', type=int, default=320)
+    p.add_argument('--height', type=int, default=240)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--jobs', '-j', type=int, default=None, help='encoding processes (default: all cores)')
+    p.add_argument('--codec', default='libxvid', help="ffmpeg encoder ('libxvid' or 'mpeg4')")
+    args = p.parse_args(argv)
+    if args.groups < 21:
+        p.error('--groups must be at least 21: the three splits test groups 1-7, 8-14 and 15-21')
+    written = make_dataset(args.out, args.classes, args.pairs, args.groups, tuple(args.clips_per_group),
+                           tuple(args.frames), args.width, args.height, args.seed, args.jobs, args.codec)
+    print(f'wrote {len(written)} clips ({sum(written.values())} frames) of {args.classes} classes to '
+          f'{os.path.join(args.out, "UCF-101")} and lists to {os.path.join(args.out, "ucfTrainTestlist")}',
+          file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()
