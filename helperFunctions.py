@@ -348,3 +348,36 @@ def format_seconds(seconds):
         return '?'
     seconds = int(seconds)
     return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def device_from_arg(spec):
+    """--device value -> chainer device: '-1' or '@numpy' is the CPU, '0' or '@cupy:0' the first GPU."""
+    import chainer
+    spec = str(spec)
+    if spec.lstrip('-').isdigit():
+        spec = '@numpy' if int(spec) < 0 else f'@cupy:{int(spec)}'
+    try:
+        return chainer.get_device(spec)
+    except Exception as e:
+        raise DataError(f'device {spec!r} is not usable ({e}). For a GPU install CuPy 13 (README, GPU section); '
+                        'use --device -1 for the CPU.') from e
+
+
+def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', interval=(20, 'iteration')):
+    """A Chainer trainer extension printing iterations done, samples/s and the ETA (readable in batch logs)."""
+    import chainer.training
+
+    start = []
+
+    @chainer.training.make_extension(trigger=interval, priority=chainer.training.PRIORITY_READER)
+    def report(trainer):
+        now, done = time.time(), trainer.updater.iteration
+        if not start:
+            start.extend([now, done])
+            return
+        rate = (done - start[1]) / max(now - start[0], 1e-9)
+        eta = (total_iterations - done) / rate if rate > 0 else float('inf')
+        print(f'iteration {done}/{total_iterations} ({100 * done / total_iterations:.1f}%): '
+              f'{rate * unit_per_iteration:.1f} {unit}/s, ETA {format_seconds(eta)}', file=sys.stderr, flush=True)
+
+    return report

@@ -1,0 +1,96 @@
+"""VGG16 fine-tuned for UCF-101: conv1_1 ... fc6 from VGGNet, a new fc7 (4096 -> 1024) and fc8 (1024 -> classes).
+
+Training calls the model with (frames, labels) and gets the loss (loss and accuracy are reported);
+extraction calls `predict(frames)` and gets the softmax and the 1024-d relu(fc7) feature of every frame.
+"""
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import numpy as np
+
+from VGGNet import CONV_LAYERS, WIDTHS, VGGTrunk, read_params, save_model, shapes_from_params
+from helperFunctions import DataError
+
+LAYERS = CONV_LAYERS + ['fc6', 'fc7', 'fc8']
+
+
+class VGGNet_1024(VGGTrunk):
+
+    def __init__(self, n_classes=101, insize=224, widths=WIDTHS, fc6_size=4096, feature_size=1024, conv='stock',
+                 train_from='fc7'):
+        super().__init__(insize, widths, fc6_size, conv)
+        with self.init_scope():
+            self.fc7 = L.Linear(fc6_size, feature_size)
+            self.fc8 = L.Linear(feature_size, n_classes)
+        if train_from not in LAYERS:
+            raise ValueError(f'unknown layer {train_from!r}; one of {", ".join(LAYERS)}')
+        self.train_from = train_from  # where the forward pass starts building a graph
+
+    def freeze_below_train_from(self):
+        """Stop the optimizer from touching the layers below `train_from` (weight decay included).
+
+        Call it after optimizer.setup(model): update rules, which carry the switch, exist only from then on.
+        """
+        first = LAYERS.index(self.train_from)
+        for i, name in enumerate(LAYERS):
+            link = getattr(self, name)
+            (link.enable_update if i >= first else link.disable_update)()
+
+    def fc7_features(self, x):
+        """relu(fc7): the 1024-d feature saved for the LSTM."""
+        if self.train_from in ('fc7', 'fc8'):
+            with chainer.no_backprop_mode():  # frozen layers below: no graph, no gradients to compute
+                h = self.fc6_features(x)
+        elif self.train_from == 'fc6':
+            with chainer.no_backprop_mode():
+                h = self.pool5(x)
+            h = F.relu(self.fc6(h))
+        else:
+            h = self.fc6_features(x)
+        h = F.relu(self.fc7(F.dropout(h, 0.5)))
+        if self.train_from == 'fc8':
+            h = h.array
+        return h
+
+    def forward(self, x, t):
+        y = self.fc8(F.dropout(self.fc7_features(x), 0.5))
+        loss = F.softmax_cross_entropy(y, t)
+        chainer.report({'loss': loss, 'accuracy': F.accuracy(y, t)}, self)
+        return loss
+
+    def predict(self, x):
+        """(softmax, fc7 feature) of a batch of frames, in test mode (no dropout), as arrays."""
+        with chainer.using_config('train', False), chainer.no_backprop_mode():
+            h = self.fc7_features(x)
+            return F.softmax(self.fc8(h)).array, chainer.as_array(h)
+
+
+def from_vgg(vgg, n_classes, feature_size=1024, train_from='fc7', seed=None):
+    """A VGGNet_1024 whose conv1_1 ... fc6 are copies of `vgg`'s and whose fc7, fc8 are new."""
+    if seed is not None:
+        np.random.seed(seed)
+    model = VGGNet_1024(n_classes, vgg.insize, tuple(getattr(vgg, CONV_LAYERS[i]).W.shape[0]
+                                                      for i in (0, 2, 4, 7, 10)),
+                        vgg.fc6.W.shape[0], feature_size, vgg.conv, train_from)
+    for name in CONV_LAYERS + ['fc6']:
+        getattr(model, name).copyparams(getattr(vgg, name))
+    return model
+
+
+def load_model(path, conv='stock', train_from='fc7'):
+    """A VGGNet_1024 with the weights of `path` (VGG_1024.model), shaped as the file says."""
+    params = read_params(path, what='fine-tuned VGGNet_1024 weights',
+                         how='Make it with `python frameBasedTrain.py` (Part 1).')
+    try:
+        insize, widths, fc6_size, n_classes = shapes_from_params(params)
+    except DataError as e:
+        raise DataError(f'{path}: {e}; is this a VGGNet_1024 model file?') from e
+    model = VGGNet_1024(n_classes, insize, widths, fc6_size, params['fc7/W'].shape[0], conv, train_from)
+    for name, param in model.namedparams():
+        if params[name.lstrip('/')].shape != param.shape:
+            raise DataError(f'{path}: {name} has shape {params[name.lstrip("/")].shape}, expected {param.shape}')
+        param.array[...] = params[name.lstrip('/')]
+    return model
+
+
+__all__ = ['VGGNet_1024', 'from_vgg', 'load_model', 'save_model', 'LAYERS']

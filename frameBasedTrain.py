@@ -1,0 +1,205 @@
+"""Part 1: fine-tune ImageNet VGG16 into VGGNet_1024 on random single frames of the UCF-101 training clips.
+
+    python frameBasedTrain.py --data UCF-101 --lists ucfTrainTestlist --split 1 --device 0
+
+Each epoch draws one random frame (randomly flipped by default) from every training clip. As in the handout only
+fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A snapshot is taken every epoch in
+--out; `--resume auto` continues from the newest one after a kill or a walltime limit.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import chainer
+import matplotlib
+import numpy as np
+from chainer import training
+from chainer.training import extensions
+
+import VGGNet
+import VGGNet_1024
+from helperFunctions import (NO_AUGMENTATION, DataError, VideoError, check_clips_on_disk, device_from_arg,
+                             preprocess_frame, random_augmentation, rate_eta_extension, read_class_index,
+                             read_frame, read_split, video_info, warn)
+
+matplotlib.use('Agg')
+
+
+class RandomFrameDataset(chainer.dataset.DatasetMixin):
+    """Example i: one frame of clip i, preprocessed, and the clip's label.
+
+    train=True draws a random frame and random augmentations each time; train=False takes the middle frame
+    unaugmented (a fixed evaluation set). Frames are read by seeking (helperFunctions.read_frame), never by
+    decoding the clip from its start. A clip that cannot be read is reported once and replaced by another clip
+    of the same class, so one bad file cannot stop a long run.
+    """
+
+    def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False):
+        self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
+        self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
+        self.by_label = {}
+        for i, clip in enumerate(clips):
+            self.by_label.setdefault(clip.label, []).append(i)
+        self.info, self.bad, self._rng, self._pid = {}, set(), None, None
+
+    def __len__(self):
+        return len(self.clips)
+
+    @property
+    def rng(self):
+        # Loader processes are forked from one parent: each needs its own random stream, not a copy of it.
+        if self._pid != os.getpid():
+            self._rng, self._pid = np.random.RandomState(), os.getpid()
+        return self._rng
+
+    def frame(self, i):
+        path = os.path.join(self.data_root, self.clips[i].path)
+        if i not in self.info:
+            self.info[i] = video_info(path)
+        info = self.info[i]
+        # The last frame of a UCF-101 clip is often corrupt: draw from the others.
+        last = max(info.frames - 2, 0)
+        index = self.rng.randint(0, last + 1) if self.train else last // 2
+        frame = read_frame(path, index, info)
+        augmentation = (random_augmentation(self.rng, frame.shape[1], frame.shape[0], **self.augment)
+                        if self.train else NO_AUGMENTATION)
+        return preprocess_frame(frame, self.insize, augmentation)
+
+    def get_example(self, i):
+        label = self.clips[i].label
+        candidates = [i] + [j for j in self.rng.permutation(self.by_label[label]) if j != i]
+        for j in candidates:
+            if j in self.bad:
+                continue
+            try:
+                return self.frame(j), np.int32(label)
+            except VideoError as e:
+                self.bad.add(j)
+                warn(f'skipping unreadable clip {e}')
+        raise DataError(f'no readable clip of class {label} under {self.data_root}')
+
+
+def build_model(args, n_classes):
+    vgg, provenance = VGGNet.load_vgg(args.vgg, conv=args.conv)
+    if args.insize and args.insize != vgg.insize:
+        raise DataError(f'{args.vgg}: its fc6 is for {vgg.insize}x{vgg.insize} inputs, but --insize is '
+                        f'{args.insize}; leave --insize out to use the weights\' size.')
+    model = VGGNet_1024.from_vgg(vgg, n_classes, args.feature_size, args.train_from, seed=args.seed)
+    return model, provenance
+
+
+def latest_snapshot(out):
+    snapshots = glob.glob(os.path.join(out, 'snapshot_iter_*'))
+    return max(snapshots, key=lambda p: int(p.rsplit('_', 1)[1]), default=None)
+
+
+def make_trainer(args):
+    classes = read_class_index(args.lists)
+    train_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'train'), args.skip_missing)
+    model, provenance = build_model(args, len(classes))
+    print(f'{len(train_clips)} training clips, {len(classes)} classes, VGG16 from {provenance}, '
+          f'learning {", ".join(VGGNet_1024.LAYERS[VGGNet_1024.LAYERS.index(args.train_from):])}', file=sys.stderr)
+    device = device_from_arg(args.device)
+    model.to_device(device)
+    device.use()
+
+    optimizer = chainer.optimizers.MomentumSGD(lr=args.lr, momentum=args.momentum)
+    optimizer.setup(model)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
+    model.freeze_below_train_from()
+
+    train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
+                               resize=args.resize, rotate=args.rotate)
+    example_bytes = 4 * 3 * model.insize ** 2 + 64
+    order = chainer.iterators.ShuffleOrderSampler(np.random.RandomState(args.seed))
+    if args.loaderjob > 0:
+        train_iter = chainer.iterators.MultiprocessIterator(train, args.batchsize, n_processes=args.loaderjob,
+                                                            shared_mem=example_bytes, order_sampler=order)
+    else:
+        train_iter = chainer.iterators.SerialIterator(train, args.batchsize, order_sampler=order)
+    updater = training.updaters.StandardUpdater(train_iter, optimizer, device=device)
+    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+
+    if args.test_eval:
+        test_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'test'), args.skip_missing)
+        test = RandomFrameDataset(args.data, test_clips, model.insize, train=False)
+        test_iter = chainer.iterators.SerialIterator(test, args.batchsize, repeat=False, shuffle=False)
+        trainer.extend(extensions.Evaluator(test_iter, model, device=device), trigger=(1, 'epoch'))
+
+    log_interval = (args.log_interval, 'iteration')
+    iterations = args.epoch * -(-len(train) // args.batchsize)
+    trainer.extend(extensions.LogReport(trigger=log_interval))
+    entries = ['epoch', 'iteration', 'main/loss', 'main/accuracy', 'validation/main/loss',
+               'validation/main/accuracy', 'lr', 'elapsed_time']
+    trainer.extend(extensions.observe_lr(), trigger=log_interval)
+    trainer.extend(extensions.PrintReport(entries), trigger=log_interval)
+    trainer.extend(rate_eta_extension(iterations, args.batchsize, 'frames', log_interval))
+    trainer.extend(extensions.PlotReport(['main/loss', 'validation/main/loss'], 'iteration', log_interval,
+                                         file_name='loss.png'))
+    trainer.extend(extensions.PlotReport(['main/accuracy', 'validation/main/accuracy'], 'iteration', log_interval,
+                                         file_name='accuracy.png'))
+    snapshot_trigger = (args.snapshot_interval, 'iteration') if args.snapshot_interval else (1, 'epoch')
+    trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
+                   trigger=snapshot_trigger)
+
+    if args.resume:
+        path = latest_snapshot(args.out) if args.resume == 'auto' else args.resume
+        if path and not os.path.isfile(path):
+            raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
+        if path:
+            chainer.serializers.load_npz(path, trainer)
+            print(f'resumed from {path} at epoch {updater.epoch}, iteration {updater.iteration}', file=sys.stderr)
+    return trainer, model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', default='UCF-101', help='folder with the 101 class folders of clips')
+    p.add_argument('--lists', default='ucfTrainTestlist', help='folder with classInd.txt and the split lists')
+    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    p.add_argument('--vgg', default='VGG.model', help='ImageNet VGG16 weights (see VGGNet.py)')
+    p.add_argument('--model-out', default='VGG_1024.model', help='where the fine-tuned weights go')
+    p.add_argument('--out', '-o', default='result_frame', help='folder for the log, plots and snapshots')
+    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    p.add_argument('--batchsize', '-b', type=int, default=36)
+    p.add_argument('--epoch', '-e', type=int, default=20)
+    p.add_argument('--lr', type=float, default=0.0005)
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--weight-decay', type=float, default=0.0005)
+    p.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
+                   help='lowest layer that learns; the layers below stay as in VGG.model')
+    p.add_argument('--feature-size', type=int, default=1024, help='width of the new fc7')
+    p.add_argument('--insize', type=int, default=None, help='input side; default: what VGG.model was made for')
+    p.add_argument('--no-flip', action='store_true', help='turn off random horizontal flips')
+    p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
+    p.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
+    p.add_argument('--rotate', action='store_true', help='random rotations of up to 10 degrees')
+    p.add_argument('--conv', default='stock', choices=('stock', 'fast'),
+                   help="convolution implementation: Chainer's own, or fast_conv.py's for the CPU")
+    p.add_argument('--loaderjob', '-j', type=int, default=os.cpu_count(),
+                   help='frame-loading processes (0: load in the training process)')
+    p.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')
+    p.add_argument('--log-interval', type=int, default=20, help='iterations between log lines')
+    p.add_argument('--snapshot-interval', type=int, default=0,
+                   help='iterations between snapshots (default: one per epoch)')
+    p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
+    p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
+    p.add_argument('--seed', type=int, default=0, help='seed of the new layers and the frame order')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        trainer, model = make_trainer(args)
+        trainer.run()
+        model.to_cpu()
+        VGGNet.save_model(model, args.model_out, f'frameBasedTrain(split={args.split},epochs={args.epoch})')
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    print(f'wrote {args.model_out}; log, loss.png and accuracy.png in {args.out}/', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,44 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import synthetic_ucf101  # noqa: E402
+
+# The real UCF-101 split files live in ../shared beside the checkout (CI puts them there); UCF_LISTS overrides.
+REAL_LISTS = os.environ.get('UCF_LISTS', os.path.join(ROOT, '..', 'shared', 'ucfTrainTestlist'))
+
+
+@pytest.fixture(scope='session')
+def real_lists():
+    if not os.path.isfile(os.path.join(REAL_LISTS, 'classInd.txt')):
+        pytest.skip(f'real UCF-101 split lists not found at {REAL_LISTS} (set UCF_LISTS)')
+    return REAL_LISTS
+
+
+@pytest.fixture(scope='session')
+def tiny_ucf(tmp_path_factory):
+    """A tiny synthetic UCF-101: 4 classes (one motion pair), 25 groups x 1 clip, 64x48, 12-40 frames.
+
+    Returns (root, {relative clip path: frames written}).
+    """
+    root = str(tmp_path_factory.mktemp('tiny_ucf'))
+    written = synthetic_ucf101.make_dataset(root, n_classes=4, n_pairs=1, groups=25, clips_per_group=(1, 1),
+                                            frames=(12, 40), width=64, height=48, seed=1)
+    return root, written
+
+
+@pytest.fixture(scope='session')
+def small_vgg(tmp_path_factory):
+    """A VGG.model of VGG16's structure, narrow and for 32x32 inputs (fast), with calibrated random weights."""
+    import numpy as np
+    import VGGNet
+    path = str(tmp_path_factory.mktemp('vgg') / 'VGG.model')
+    np.random.seed(0)
+    model = VGGNet.VGGNet(32, (4, 4, 8, 8, 8), 32)
+    VGGNet.calibrate_random(model)
+    VGGNet.save_model(model, path, 'random-init(test)')
+    return path
