@@ -1,0 +1,176 @@
+"""Write one batch job per extraction shard and submit them: PBS (qsub, the handout's), Slurm (sbatch), or local.
+
+    python generate_pbs.py                         # 12 PBS jobs, walltime 02:30:00, one GPU node each
+    python generate_pbs.py --scheduler slurm --partition gpu
+    python generate_pbs.py --scheduler local       # run the shards here, one after another
+    python generate_pbs.py --dry-run               # print the scripts and the submit commands only
+
+Arguments after `--` go to saveFeatures_1024.py unchanged (e.g. `-- --split 2 --batchsize 64`).
+
+The PBS scripts also run under Slurm's PBS wrapper (`qsub` from slurm-wlm-torque), where PBS_O_WORKDIR and
+PBS_ARRAYID are empty: they fall back to SLURM_SUBMIT_DIR and SLURM_ARRAY_TASK_ID.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from helperFunctions import atomic_path
+
+SCRIPT = 'saveFeatures_1024.py'
+
+
+def extraction_command(python, shard, num_shards, device, extra):
+    return ' '.join(shlex.quote(a) for a in [python, SCRIPT, '--shard', shard, '--num-shards', str(num_shards),
+                                               '--device', device, *extra]).replace("'$SHARD'", '"$SHARD"')
+
+
+def job_body(args, shard_expression):
+    """The part every scheduler's script shares: go to the submit folder, set up, run one shard."""
+    lines = ['set -euo pipefail',
+             '# Torque/PBS sets PBS_O_WORKDIR; under Slurm (also via its qsub wrapper) it is empty.',
+             'cd "${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:-%s}}"' % shlex.quote(os.path.abspath(args.workdir)),
+             f'SHARD={shard_expression}']
+    lines += [f'module load {m}' for m in args.module]
+    lines += args.setup
+    lines.append('echo "shard $SHARD of %d on $(hostname), $(date)"' % args.num_shards)
+    lines.append(extraction_command(args.python, '$SHARD', args.num_shards, args.device, args.extra))
+    return '\n'.join(lines) + '\n'
+
+
+def pbs_script(args, shard):
+    resources = [f'#PBS -N {args.name}_{shard:02d}', f'#PBS -l nodes={args.nodes}',
+                 f'#PBS -l walltime={args.walltime}', '#PBS -j oe',
+                 f'#PBS -o {os.path.join(args.log_dir, f"{args.name}_{shard:02d}.log")}']
+    if args.queue:
+        resources.append(f'#PBS -q {args.queue}')
+    resources += [f'#PBS {r}' for r in args.pbs_option]
+    return '#!/bin/bash\n' + '\n'.join(resources) + '\n' + job_body(
+        args, '${PBS_ARRAYID:-${SLURM_ARRAY_TASK_ID:-%d}}' % shard)
+
+
+def slurm_script(args):
+    """One job array covering every shard."""
+    resources = [f'#SBATCH --job-name={args.name}', f'#SBATCH --array=0-{args.num_shards - 1}',
+                 f'#SBATCH --time={args.walltime}', '#SBATCH --nodes=1', '#SBATCH --ntasks=1',
+                 f'#SBATCH --cpus-per-task={args.cpus}',
+                 f'#SBATCH --output={os.path.join(args.log_dir, args.name + "_%a.log")}']
+    if args.gpus:
+        resources.append(f'#SBATCH --gres=gpu:{args.gpus}')
+    if args.partition:
+        resources.append(f'#SBATCH --partition={args.partition}')
+    resources += [f'#SBATCH {r}' for r in args.slurm_option]
+    return '#!/bin/bash\n' + '\n'.join(resources) + '\n' + job_body(args, '${SLURM_ARRAY_TASK_ID:?not a job array}')
+
+
+def write_script(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+
+
+def submit(command, dry_run):
+    print('$ ' + ' '.join(shlex.quote(c) for c in command), flush=True)
+    if dry_run:
+        return ''
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f'error: {command[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}')
+    print(result.stdout.strip(), flush=True)
+    return result.stdout.strip()
+
+
+def run_local(args):
+    """Run the shards on this machine, `--parallel` at a time, each logging to its own file."""
+    os.makedirs(args.log_dir, exist_ok=True)
+    waiting = list(range(args.num_shards))
+    running, failed, start = {}, [], time.time()
+    while waiting or running:
+        while waiting and len(running) < args.parallel:
+            shard = waiting.pop(0)
+            log = open(os.path.join(args.log_dir, f'{args.name}_{shard:02d}.log'), 'w')
+            command = [args.python, SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards),
+                       '--device', args.device, *args.extra]
+            running[shard] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+        time.sleep(0.2)
+        for shard, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[shard]
+                with open(log.name) as f:
+                    last = (f.read().strip().splitlines() or ['(no output)'])[-1]
+                print(f'[{time.time() - start:6.0f}s] shard {shard} of {args.num_shards} '
+                      f'{"finished" if proc.returncode == 0 else f"FAILED ({proc.returncode})"}: {last}', flush=True)
+                if proc.returncode:
+                    failed.append(shard)
+    if failed:
+        sys.exit(f'error: shards {failed} failed; see their logs in {args.log_dir}/ and rerun (done clips are kept)')
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--scheduler', default='pbs', choices=('pbs', 'slurm', 'local'))
+    p.add_argument('--num-shards', type=int, default=12)
+    p.add_argument('--walltime', default='02:30:00')
+    p.add_argument('--name', default='saveFeatures', help='job name and log file prefix')
+    p.add_argument('--script-dir', default='jobs', help='where the job scripts are written')
+    p.add_argument('--log-dir', default='jobs', help='where the jobs write their output')
+    p.add_argument('--workdir', default='.', help='folder the jobs run in when the scheduler does not say')
+    p.add_argument('--python', default=sys.executable, help='interpreter the jobs use (default: this one)')
+    p.add_argument('--device', default=None,
+                   help='--device of saveFeatures_1024.py (default: 0, the GPU; -1, the CPU, in local mode)')
+    p.add_argument('--module', action='append', default=[], help='`module load` this (repeatable)')
+    p.add_argument('--setup', action='append', default=[], help='a shell line run before the shard (repeatable)')
+    p.add_argument('--nodes', default='1:ppn=16:xk', help="PBS '-l nodes=' (Blue Waters: a GPU XK node)")
+    p.add_argument('--queue', default='', help='PBS queue (-q)')
+    p.add_argument('--pbs-option', action='append', default=[], help='another #PBS line (repeatable)')
+    p.add_argument('--partition', default='', help='Slurm partition')
+    p.add_argument('--gpus', type=int, default=1, help='GPUs per Slurm job (0: none)')
+    p.add_argument('--cpus', type=int, default=4, help='CPUs per Slurm job')
+    p.add_argument('--slurm-option', action='append', default=[], help='another #SBATCH line (repeatable)')
+    p.add_argument('--parallel', type=int, default=1, help='local mode: shards run at once')
+    p.add_argument('--dry-run', action='store_true', help='print the scripts and submit commands, submit nothing')
+    args = p.parse_args(argv)
+    args.extra = extra
+    if args.device is None:
+        args.device = '-1' if args.scheduler == 'local' else '0'
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.scheduler == 'local':
+        if args.dry_run:
+            for shard in range(args.num_shards):
+                print('$ ' + extraction_command(args.python, str(shard), args.num_shards, args.device, args.extra))
+            return []
+        run_local(args)
+        return []
+    if not args.dry_run:
+        os.makedirs(args.script_dir, exist_ok=True)
+        os.makedirs(args.log_dir, exist_ok=True)
+    if args.scheduler == 'pbs':
+        scripts = [(os.path.join(args.script_dir, f'{args.name}_{k:02d}.pbs'), pbs_script(args, k))
+                   for k in range(args.num_shards)]
+        command = ['qsub']
+    else:
+        scripts = [(os.path.join(args.script_dir, f'{args.name}.sbatch'), slurm_script(args))]
+        command = ['sbatch']
+    job_ids = []
+    for path, text in scripts:
+        if args.dry_run:
+            print(f'# ---- {path}\n{text}', end='')
+        else:
+            write_script(path, text)
+        job_ids.append(submit(command + [path], args.dry_run))
+    return job_ids
+
+
+if __name__ == '__main__':
+    main()

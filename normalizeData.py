@@ -1,0 +1,102 @@
+"""Part 2: normalise the fc7 features with the training set's per-dimension mean and standard deviation.
+
+    python normalizeData.py
+
+reads train1024.hdf5 and test1024.hdf5, writes train1024_norm.hdf5 and test1024_norm.hdf5 (same layout) and
+feature_stats1024.npz (mean, std, frame count). The statistics are accumulated clip by clip in float64
+(Chan et al.'s pairwise update), so memory stays small at full scale. A dimension that never varies gets
+std 1 (it normalises to 0, never NaN); a clip holding NaN or inf is reported and left out of both the statistics
+and the output, so no NaN reaches a model.
+"""
+import argparse
+import os
+import sys
+
+import h5py
+import numpy as np
+
+from helperFunctions import DataError, Progress, atomic_path, warn
+from save_hdf5 import read_clip, read_hdf5_header, write_packed
+
+
+def finite_clips(path, header):
+    """Names of the clips of a packed file whose values are all finite; the others are reported."""
+    bad = []
+    with h5py.File(path, 'r') as f:
+        for name in header['clips']:
+            if not np.isfinite(f[name][()]).all():
+                bad.append(name)
+    for name in bad:
+        warn(f'{path}: clip {name} holds NaN or inf; it is left out')
+    bad = set(bad)
+    return [n for n in header['clips'] if n not in bad]
+
+
+def feature_statistics(path, clips):
+    """(mean, std, frames) over all frames of `clips`, streamed clip by clip in float64."""
+    count, mean, m2 = 0, None, None
+    progress = Progress(len(clips), 'clips', 'statistics: ', interval=5)
+    with h5py.File(path, 'r') as f:
+        for name in clips:
+            x = f[name][()].astype(np.float64)
+            n, clip_mean = x.shape[0], x.mean(axis=0)
+            clip_m2 = ((x - clip_mean) ** 2).sum(axis=0)
+            if mean is None:
+                count, mean, m2 = n, clip_mean, clip_m2
+            else:
+                delta, total = clip_mean - mean, count + n
+                mean = mean + delta * n / total
+                m2 = m2 + clip_m2 + delta ** 2 * count * n / total
+                count = total
+            progress.update()
+    if not count:
+        raise DataError(f'{path}: no usable training frames')
+    return mean, np.sqrt(m2 / count), count
+
+
+def normalized_items(path, clips, mean, std):
+    with h5py.File(path, 'r') as f:
+        for name in clips:
+            x, label = read_clip(f, name)
+            yield name, label, ((x - mean) / std).astype(np.float32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train', default='train1024.hdf5')
+    p.add_argument('--test', default='test1024.hdf5')
+    p.add_argument('--train-out', default='train1024_norm.hdf5')
+    p.add_argument('--test-out', default='test1024_norm.hdf5')
+    p.add_argument('--stats', default='feature_stats1024.npz')
+    args = p.parse_args(argv)
+    try:
+        train = read_hdf5_header(args.train, expect_subset='train')
+        test = read_hdf5_header(args.test, expect_split=train['split'], expect_subset='test')
+        if train['dim'] != test['dim']:
+            raise DataError(f'{args.train} has {train["dim"]}-d features but {args.test} {test["dim"]}-d')
+        train_clips = finite_clips(args.train, train)
+        test_clips = finite_clips(args.test, test)
+        mean, std, count = feature_statistics(args.train, train_clips)
+        constant = std < 1e-6
+        if constant.any():
+            warn(f'{int(constant.sum())} of {len(std)} feature dimensions never vary in the training set '
+                 '(dead fc7 units); they normalise to 0')
+        safe_std = np.where(constant, 1.0, std)
+        with atomic_path(args.stats) as tmp, open(tmp, 'wb') as f:
+            np.savez(f, mean=mean.astype(np.float32), std=safe_std.astype(np.float32), frames=count,
+                     constant=constant)
+        for source, out, header, clips in ((args.train, args.train_out, train, train_clips),
+                                           (args.test, args.test_out, test, test_clips)):
+            n_clips, n_frames = write_packed(out, normalized_items(source, clips, mean, safe_std), len(clips),
+                                             header['classes'], split=header['split'], subset=header['subset'],
+                                             kind='normalized features')
+            print(f'wrote {out}: {n_clips} clips, {n_frames} frames'
+                  + (f' ({len(header["clips"]) - n_clips} left out)' if n_clips < len(header['clips']) else ''),
+                  file=sys.stderr)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    print(f'statistics of {count} training frames in {args.stats}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,236 @@
+"""Part 2: the 1024-d fc7 feature and the softmax of every frame of every clip, one shard of the work.
+
+    python saveFeatures_1024.py --shard 3 --num-shards 12 --device 0
+
+writes UCF-101_features/<Class>/<clip>.npy (frames x 1024) and UCF-101_framePrediction/<Class>/<clip>.npy
+(frames x classes), float32, for the train and test clips of the split that fall in shard 3 of 12. Shards split
+the clips by frame count (read from the AVI headers), so 12 jobs take about equally long.
+
+Every file is written under a temporary name and renamed when whole, so a job killed at its walltime leaves
+nothing half-written; a rerun skips the clips that are done. A clip that cannot be decoded is skipped, one that
+decodes to fewer frames than its header claims is kept; both are listed with the reason in
+extraction_logs/failures_shard_KK_of_NN.tsv. ffmpeg's decoder yields every frame it can; the last frame of a
+UCF-101 clip is often broken, so one frame short of the header's count is expected and not reported.
+"""
+import argparse
+import csv
+import json
+import os
+import queue
+import sys
+import threading
+import time
+
+import chainer
+import numpy as np
+
+import VGGNet_1024
+from helperFunctions import (DataError, Progress, VideoError, atomic_path, check_clips_on_disk, clip_stem,
+                             device_from_arg, header_frame_count, iter_frames, preprocess_frame, read_class_index,
+                             read_split, save_npy_atomic, video_info, warn)
+
+FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
+
+
+def split_clips(data_root, lists, split, subsets=('train', 'test'), skip_missing=False):
+    """All clips of the split, sorted by path, so that every shard job sees the same list."""
+    clips = []
+    for subset in subsets:
+        clips += read_split(lists, split, subset)
+    return sorted(check_clips_on_disk(data_root, clips, skip_missing))
+
+
+def shard_ranges(weights, num_shards):
+    """Contiguous [start, end) ranges of items with about equal total weight (every item lands in one range)."""
+    cumulative = np.cumsum(np.maximum(np.asarray(weights, np.float64), 1))
+    bounds = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, num_shards) / num_shards, side='right')
+    edges = [0, *bounds.tolist(), len(weights)]
+    return [(edges[k], edges[k + 1]) for k in range(num_shards)]
+
+
+def output_paths(clip, features_dir, predictions_dir):
+    stem = clip_stem(clip.path) + '.npy'
+    return os.path.join(features_dir, stem), os.path.join(predictions_dir, stem)
+
+
+def is_done(paths):
+    """Both files exist and are whole .npy arrays (they are renamed into place only when complete)."""
+    for path in paths:
+        try:
+            array = np.load(path, mmap_mode='r')
+        except (OSError, ValueError):
+            return False
+        if array.ndim != 2 or array.shape[0] == 0:
+            return False
+    return True
+
+
+class FailureLog:
+    """The shard's failures file, rewritten atomically after each new entry so a killed job keeps it."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, {}
+        if os.path.isfile(path):
+            with open(path, newline='') as f:
+                self.rows = {row['clip']: row for row in csv.DictReader(f, delimiter='\t')}
+
+    def record(self, clip, status, frames_read, frames_claimed, reason):
+        self.rows[clip] = dict(clip=clip, status=status, frames_read=frames_read, frames_claimed=frames_claimed,
+                               reason=reason)
+        warn(f'{clip}: {reason} ({status})')
+        self.save()
+
+    def forget(self, clip):
+        if self.rows.pop(clip, None):
+            self.save()
+
+    def save(self):
+        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, FAILURE_FIELDS, delimiter='\t')
+            writer.writeheader()
+            writer.writerows(sorted(self.rows.values(), key=lambda r: r['clip']))
+
+
+def produce(jobs, data_root, insize, batchsize, out, stop):
+    """Decoder thread: for each clip, ('batch', clip, frames) messages then ('end', clip, claimed) or
+    ('fail', clip, frames read, claimed, reason). Runs ahead of the network by the queue's size."""
+    for clip in jobs:
+        if stop.is_set():
+            return
+        path = os.path.join(data_root, clip.path)
+        read, claimed = 0, 0
+        try:
+            claimed = video_info(path).frames
+            batch = []
+            for frame in iter_frames(path):
+                batch.append(preprocess_frame(frame, insize))
+                read += 1
+                if len(batch) == batchsize:
+                    out.put(('batch', clip, np.stack(batch)))
+                    batch = []
+            if batch:
+                out.put(('batch', clip, np.stack(batch)))
+            out.put(('end', clip, read, claimed, '') if read else
+                    ('fail', clip, 0, claimed, 'no frame could be decoded'))
+        except VideoError as e:
+            out.put(('fail', clip, read, claimed, e.reason))
+        except Exception as e:  # a decoder surprise must not end a 2-hour job: report the clip and go on
+            out.put(('fail', clip, read, claimed, f'{type(e).__name__}: {e}'))
+    out.put(None)
+
+
+def extract_shard(args):
+    classes = read_class_index(args.lists)
+    clips = split_clips(args.data, args.lists, args.split, args.subsets, args.skip_missing)
+    weights = [header_frame_count(os.path.join(args.data, c.path)) for c in clips]
+    start, end = shard_ranges(weights, args.num_shards)[args.shard]
+    os.makedirs(args.log_dir, exist_ok=True)
+    tag = f'shard_{args.shard:02d}_of_{args.num_shards:02d}'
+    failures = FailureLog(os.path.join(args.log_dir, f'failures_{tag}.tsv'))
+    todo = [i for i in range(start, end)
+            if not is_done(output_paths(clips[i], args.features_dir, args.predictions_dir))]
+    done_before = (end - start) - len(todo)
+    print(f'shard {args.shard} of {args.num_shards}: clips {start}-{end - 1} of {len(clips)} '
+          f'({sum(weights[start:end])} frames); {done_before} already done, {len(todo)} to do', file=sys.stderr)
+
+    model = VGGNet_1024.load_model(args.model, conv=args.conv)
+    if model.fc8.W.shape[0] != len(classes):
+        raise DataError(f'{args.model} predicts {model.fc8.W.shape[0]} classes but {args.lists}/classInd.txt '
+                        f'lists {len(classes)}; was it trained on these lists?')
+    device = device_from_arg(args.device)
+    model.to_device(device)
+    device.use()
+
+    messages, stop = queue.Queue(maxsize=args.prefetch), threading.Event()
+    frames_todo = sum(weights[i] for i in todo)
+    workers = max(1, args.loaderjob)
+    shares = [[clips[i] for i in todo[w::workers]] for w in range(workers)]
+    threads = [threading.Thread(target=produce, args=(share, args.data, model.insize, args.batchsize, messages,
+                                                      stop), daemon=True) for share in shares]
+    for t in threads:
+        t.start()
+    progress = Progress(max(frames_todo, 1), 'frames', f'shard {args.shard}: ')
+    pending, finished, counts, started = {}, 0, dict(complete=0, partial=0, skipped=0), time.time()
+    try:
+        while finished < len(threads):
+            message = messages.get()
+            if message is None:
+                finished += 1
+                continue
+            kind, clip = message[0], message[1]
+            if kind == 'batch':
+                prob, feature = model.predict(device.send(message[2]))
+                outputs = pending.setdefault(clip.path, ([], []))
+                outputs[0].append(chainer.backends.cuda.to_cpu(feature))
+                outputs[1].append(chainer.backends.cuda.to_cpu(prob))
+                progress.update(len(message[2]), f'{counts["complete"] + counts["partial"]} clips')
+                continue
+            _, _, read, claimed, reason = message
+            outputs = pending.pop(clip.path, ([], []))
+            if kind == 'fail':
+                counts['skipped'] += 1
+                failures.record(clip.path, 'skipped', read, claimed, reason)
+                continue
+            feature, prob = np.concatenate(outputs[0]), np.concatenate(outputs[1])
+            if not (np.isfinite(feature).all() and np.isfinite(prob).all()):
+                counts['skipped'] += 1
+                failures.record(clip.path, 'skipped', read, claimed, 'the network produced NaN or inf')
+                continue
+            feature_path, prediction_path = output_paths(clip, args.features_dir, args.predictions_dir)
+            save_npy_atomic(prediction_path, prob.astype(np.float32))
+            save_npy_atomic(feature_path, feature.astype(np.float32))
+            if read < claimed - 1:
+                counts['partial'] += 1
+                failures.record(clip.path, 'kept-partial', read, claimed,
+                                f'decoded {read} of the {claimed} frames its header claims (truncated?)')
+            else:
+                counts['complete'] += 1
+                failures.forget(clip.path)
+    finally:
+        stop.set()
+    summary = dict(shard=args.shard, num_shards=args.num_shards, clips_in_shard=end - start,
+                   done_before=done_before, seconds=round(time.time() - started, 1),
+                   frames_per_second=round(progress.done / max(time.time() - started, 1e-9), 2),
+                   failures_file=failures.path, **counts)
+    with atomic_path(os.path.join(args.log_dir, f'summary_{tag}.json')) as tmp, open(tmp, 'w') as f:
+        json.dump(summary, f, indent=1)
+    print(f'shard {args.shard} done: {counts["complete"]} clips complete, {counts["partial"]} kept partial, '
+          f'{counts["skipped"]} skipped, {done_before} done before; {summary["frames_per_second"]} frames/s'
+          + (f'; see {failures.path}' if failures.rows else ''), file=sys.stderr)
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', default='UCF-101')
+    p.add_argument('--lists', default='ucfTrainTestlist')
+    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
+    p.add_argument('--model', default='VGG_1024.model', help='fine-tuned weights from frameBasedTrain.py')
+    p.add_argument('--features-dir', default='UCF-101_features')
+    p.add_argument('--predictions-dir', default='UCF-101_framePrediction')
+    p.add_argument('--log-dir', default='extraction_logs', help='failures and summary files of each shard')
+    p.add_argument('--shard', type=int, default=0, help='which shard this job does, 0 .. num-shards-1')
+    p.add_argument('--num-shards', type=int, default=12)
+    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    p.add_argument('--batchsize', '-b', type=int, default=32, help='frames per forward pass')
+    p.add_argument('--loaderjob', '-j', type=int, default=2, help='decoding threads (each runs one ffmpeg)')
+    p.add_argument('--prefetch', type=int, default=8, help='decoded batches allowed to wait for the network')
+    p.add_argument('--conv', default='stock', choices=('stock', 'fast'))
+    p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
+    args = p.parse_args(argv)
+    if not 0 <= args.shard < args.num_shards:
+        p.error(f'--shard must be in 0..{args.num_shards - 1}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return extract_shard(args)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,153 @@
+"""Part 2: pack the per-clip .npy files of saveFeatures_1024.py into three HDF5 files.
+
+    python save_hdf5.py --split 1
+
+writes train1024.hdf5 and test1024.hdf5 (fc7 features) and testPredictions1024.hdf5 (per-frame softmax).
+Each holds one float32 dataset per clip, named by its path without '.avi' ('ApplyEyeMakeup/v_..._g08_c01'),
+with the clip's label as an attribute; the file's attributes give the split, the subset, the class names and
+the clip order, so later steps need nothing else. Clips are streamed one at a time (memory stays small at
+full scale) and each file is written under a temporary name, renamed only when complete.
+
+Every clip of the split must have its files; the missing ones are listed (with the reason from the extraction
+failures files, when there is one) and nothing is written, unless --skip-missing.
+"""
+import argparse
+import csv
+import glob
+import os
+import sys
+
+import h5py
+import numpy as np
+
+from helperFunctions import DataError, Progress, atomic_path, clip_stem, read_class_index, read_split, warn
+
+OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
+           ('test', 'predictions', 'testPredictions1024.hdf5')]
+
+
+def failure_reasons(log_dir):
+    """{clip path: reason} from the extraction shards' failures files."""
+    reasons = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, 'failures_shard_*.tsv'))):
+        with open(path, newline='') as f:
+            for row in csv.DictReader(f, delimiter='\t'):
+                reasons[row['clip']] = f"{row['status']}: {row['reason']}"
+    return reasons
+
+
+def check_complete(clips, folder, log_dir, skip_missing, what):
+    """The clips whose .npy file exists; stop with the list of the others unless skip_missing."""
+    present = [c for c in clips if os.path.isfile(os.path.join(folder, clip_stem(c.path) + '.npy'))]
+    have = set(present)
+    missing = [c for c in clips if c not in have]
+    if missing:
+        reasons = failure_reasons(log_dir)
+        lines = [f'  {c.path}: {reasons.get(c.path, "no file and no failure recorded (shard not run yet?)")}'
+                 for c in missing[:20]]
+        more = f'\n  ... and {len(missing) - 20} more' if len(missing) > 20 else ''
+        message = (f'{len(missing)} of {len(clips)} clips have no {what} file in {folder}/:\n'
+                   + '\n'.join(lines) + more)
+        if not skip_missing:
+            raise DataError(message + '\nRerun the missing shards (./saveFeatures.sh; done clips are skipped), '
+                                      'or pass --skip-missing to pack without them.')
+        warn(message + '\npacking without them (--skip-missing)')
+    return present
+
+
+def write_packed(out_path, items, total, classes, **attrs):
+    """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically.
+
+    Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
+    """
+    progress = Progress(total, 'clips', f'{os.path.basename(out_path)}: ', interval=5)
+    names, labels, frames, dim = [], [], 0, None
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, 'w') as f:
+            for name, label, array in items:
+                dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
+                dataset.attrs['label'] = label
+                names.append(name)
+                labels.append(label)
+                frames += array.shape[0]
+                dim = array.shape[1]
+                progress.update()
+            # The clip list is too long for an HDF5 attribute (64 KiB) at full scale: it is a dataset.
+            f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
+            f['_index/labels'] = np.array(labels, np.int32)
+            f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
+            f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
+    return len(names), frames
+
+
+def npy_items(clips, folder):
+    """(name, label, array) of each clip's .npy file, checked to be a whole frames x dims array."""
+    dim = None
+    for clip in clips:
+        source = os.path.join(folder, clip_stem(clip.path) + '.npy')
+        try:
+            array = np.load(source)
+        except (OSError, ValueError) as e:
+            raise DataError(f'{source}: unreadable ({e}); delete it and rerun its shard') from e
+        if array.ndim != 2 or array.shape[0] == 0 or (dim is not None and array.shape[1] != dim):
+            raise DataError(f'{source}: shape {array.shape}, expected (frames, {dim or "dims"}); '
+                            'delete it and rerun its shard')
+        dim = array.shape[1]
+        yield clip_stem(clip.path), clip.label, array
+
+
+def read_clip(f, name):
+    """(frames x dims array, label) of one clip of an open packed file."""
+    dataset = f[name]
+    return dataset[()], int(dataset.attrs['label'])
+
+
+def read_hdf5_header(path, expect_split=None, expect_subset=None):
+    """The attributes of a packed file, checked against what the caller expects (split, subset)."""
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: not found; make it with `python save_hdf5.py` (Part 2)')
+    try:
+        with h5py.File(path, 'r') as f:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+            if '_index' in f:
+                attrs.update(clips=[c.decode() for c in f['_index/clips'][()]],
+                             labels=f['_index/labels'][()],
+                             classes=[c.decode() for c in f['_index/classes'][()]])
+    except OSError as e:
+        raise DataError(f'{path}: not a readable HDF5 file ({e}); make it again with save_hdf5.py') from e
+    for key, expected in (('split', expect_split), ('subset', expect_subset), ('clips', None)):
+        if key not in attrs:
+            raise DataError(f'{path}: no {key!r} attribute; was it written by save_hdf5.py?')
+        if expected is not None and attrs[key] != expected:
+            raise DataError(f'{path} holds {key} {attrs[key]!r}, not {expected!r}; pass the file of the right '
+                            f'split, or --split {attrs[key]}' if key == 'split' else
+                            f'{path} holds the {attrs[key]} clips, not the {expected} ones')
+    return attrs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--lists', default='ucfTrainTestlist')
+    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    p.add_argument('--features-dir', default='UCF-101_features')
+    p.add_argument('--predictions-dir', default='UCF-101_framePrediction')
+    p.add_argument('--log-dir', default='extraction_logs', help="saveFeatures_1024.py's failures files")
+    p.add_argument('--out-dir', default='.', help='where the three .hdf5 files go')
+    p.add_argument('--skip-missing', action='store_true', help='pack the clips that have files, warn of the rest')
+    args = p.parse_args(argv)
+    try:
+        classes = read_class_index(args.lists)
+        subsets = {s: read_split(args.lists, args.split, s) for s in ('train', 'test')}
+        folders = {'features': args.features_dir, 'predictions': args.predictions_dir}
+        plan = [(check_complete(subsets[s], folders[k], args.log_dir, args.skip_missing, k), s, k, name)
+                for s, k, name in OUTPUTS]  # check all before writing anything
+        for clips, subset, kind, name in plan:
+            n_clips, n_frames = write_packed(os.path.join(args.out_dir, name), npy_items(clips, folders[kind]),
+                                             len(clips), classes, split=args.split, subset=subset, kind=kind)
+            print(f'wrote {os.path.join(args.out_dir, name)}: {n_clips} clips, {n_frames} frames', file=sys.stderr)
+    except DataError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()
