@@ -92,8 +92,9 @@ def load_results(path):
         return {k: f[k] for k in f.files}
 
 
-def report_model(results, out_prefix, title, stream=sys.stdout):
+def report_model(results, out_prefix, title, stream=None):
     """Print the accuracy line and the most confused pairs; save the confusion matrix and per-class CSV."""
+    stream = stream or sys.stdout
     labels, scores, classes = results['labels'], results['scores'], list(results['classes'])
     accuracies = topk_accuracies(labels, scores)
     counts = confusion_counts(labels, scores)
@@ -112,8 +113,9 @@ def report_model(results, out_prefix, title, stream=sys.stdout):
     return accuracies, recall
 
 
-def compare(single, lstm, out_dir, n=10, stream=sys.stdout):
+def compare(single, lstm, out_dir, n=10, stream=None):
     """Per-class accuracy of both models: the n most improved classes and those not improved, table + chart."""
+    stream = stream or sys.stdout
     if list(single['classes']) != list(lstm['classes']):
         raise DataError('the two results files have different class lists')
     if sorted(single['clips']) != sorted(lstm['clips']):

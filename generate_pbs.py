@@ -19,7 +19,8 @@ import time
 
 from helperFunctions import atomic_path
 
-SCRIPT = 'saveFeatures_1024.py'
+# By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
 
 
 def extraction_command(python, shard, num_shards, device, extra):

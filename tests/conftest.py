@@ -42,3 +42,33 @@ def small_vgg(tmp_path_factory):
     VGGNet.calibrate_random(model)
     VGGNet.save_model(model, path, 'random-init(test)')
     return path
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tmp_path_factory, small_vgg, tiny_ucf):
+    """A VGG_1024.model for the tiny set (4 classes, 16-d fc7, 32x32 input), not trained: extraction only
+    needs some fixed function of the frames."""
+    import VGGNet
+    import VGGNet_1024
+    path = str(tmp_path_factory.mktemp('model') / 'VGG_1024.model')
+    vgg, _ = VGGNet.load_vgg(small_vgg)
+    VGGNet.save_model(VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=0), path, 'test')
+    return path
+
+
+def extraction_args(tiny_ucf, model, work, *extra):
+    root, _ = tiny_ucf
+    return ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist'),
+            '--model', model, '--features-dir', os.path.join(work, 'UCF-101_features'),
+            '--predictions-dir', os.path.join(work, 'UCF-101_framePrediction'),
+            '--log-dir', os.path.join(work, 'extraction_logs'), '--batchsize', '8', *extra]
+
+
+@pytest.fixture(scope='session')
+def extracted(tmp_path_factory, tiny_ucf, tiny_model):
+    """The tiny set's features and predictions, extracted in 3 shards by the local runner."""
+    import generate_pbs
+    work = str(tmp_path_factory.mktemp('extracted'))
+    generate_pbs.main(['--scheduler', 'local', '--num-shards', '3', '--log-dir', os.path.join(work, 'jobs'),
+                       '--'] + extraction_args(tiny_ucf, tiny_model, work))
+    return work

@@ -1,0 +1,188 @@
+"""Part 2: sharded extraction, its resumability, packing, normalisation and single-frame accuracy."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import VGGNet_1024
+import normalizeData
+import saveFeatures_1024
+import save_hdf5
+import singleFrameAccuracy
+from conftest import ROOT, extraction_args
+from helperFunctions import clip_stem, preprocess_frame, read_frames, read_split
+
+
+def npy_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_shard_ranges_cover_everything_and_balance_frames():
+    rng = np.random.RandomState(0)
+    weights = rng.randint(29, 1800, size=13320)
+    ranges = saveFeatures_1024.shard_ranges(weights, 12)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(weights)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    totals = [weights[s:e].sum() for s, e in ranges]
+    assert max(totals) - min(totals) <= 2 * weights.max()
+    few = saveFeatures_1024.shard_ranges([5, 5], 4)  # more shards than clips: some are empty
+    assert sum(e - s for s, e in few) == 2 and few[0][0] == 0 and few[-1][1] == 2
+
+
+def test_extraction_outputs_match_the_model(tiny_ucf, tiny_model, extracted):
+    root, written = tiny_ucf
+    features, predictions = (os.path.join(extracted, d) for d in ('UCF-101_features', 'UCF-101_framePrediction'))
+    expected = sorted(clip_stem(p) + '.npy' for p in written)
+    assert npy_files(features) == expected and npy_files(predictions) == expected
+    model = VGGNet_1024.load_model(tiny_model)
+    for rel in sorted(written)[::17]:
+        frames = read_frames(os.path.join(root, 'UCF-101', rel))
+        feature = np.load(os.path.join(features, clip_stem(rel) + '.npy'))
+        prob = np.load(os.path.join(predictions, clip_stem(rel) + '.npy'))
+        assert feature.shape == (written[rel], 16) and prob.shape == (written[rel], 4)
+        assert feature.dtype == prob.dtype == np.float32
+        # Same preprocessing function as training: recompute the network's outputs here.
+        want_prob, want_feature = model.predict(np.stack([preprocess_frame(f, 32) for f in frames]))
+        assert np.allclose(feature, want_feature, atol=1e-5) and np.allclose(prob, want_prob, atol=1e-6)
+    summaries = os.listdir(os.path.join(extracted, 'extraction_logs'))
+    assert sorted(s for s in summaries if s.startswith('summary')) == [
+        f'summary_shard_{k:02d}_of_03.json' for k in range(3)]
+
+
+def test_rerun_skips_finished_clips(tiny_ucf, tiny_model, extracted, capsys):
+    summary = saveFeatures_1024.main(extraction_args(tiny_ucf, tiny_model, extracted, '--shard', '1',
+                                                     '--num-shards', '3'))
+    assert summary['done_before'] == summary['clips_in_shard'] > 0
+    assert summary['complete'] == summary['skipped'] == 0
+
+
+def test_killed_shard_resumes_with_every_file_whole(tiny_ucf, tiny_model, extracted, tmp_path):
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    features = tmp_path / 'UCF-101_features'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'saveFeatures_1024.py'), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(npy_files(features) if features.exists() else []) < 20:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_when_killed = [f for f in npy_files(features) if not os.path.basename(f).startswith('.')]
+    assert 20 <= len(done_when_killed) < 100, 'the kill should land mid-run'
+    for name in done_when_killed:  # every file that has its final name is whole
+        np.load(features / name)
+    summary = saveFeatures_1024.main(args)
+    assert summary['done_before'] >= len(done_when_killed) - 1 and summary['skipped'] == 0
+    for folder in ('UCF-101_features', 'UCF-101_framePrediction'):
+        names = [f for f in npy_files(tmp_path / folder) if not os.path.basename(f).startswith('.')]
+        assert names == npy_files(os.path.join(extracted, folder))
+        for name in names:  # identical to the uninterrupted run
+            assert np.array_equal(np.load(tmp_path / folder / name), np.load(os.path.join(extracted, folder, name)))
+
+
+def test_bad_clip_is_recorded_and_the_shard_goes_on(tiny_ucf, tiny_model, tmp_path):
+    root, written = tiny_ucf
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(root, 'UCF-101'), data)
+    victims = sorted(written)[:2]
+    (data / victims[0]).write_bytes(os.urandom(5000))       # not a video at all
+    full = (data / victims[1]).read_bytes()
+    (data / victims[1]).write_bytes(full[:len(full) * 2 // 3])  # truncated download
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    args[1] = str(data)
+    summary = saveFeatures_1024.main(args)
+    assert summary['skipped'] >= 1 and summary['complete'] + summary['partial'] + summary['skipped'] == len(written)
+    with open(summary['failures_file'], newline='') as f:
+        rows = {r['clip']: r for r in csv.DictReader(f, delimiter='\t')}
+    assert rows[victims[0]]['status'] == 'skipped'
+    assert int(rows[victims[1]]['frames_read']) < int(rows[victims[1]]['frames_claimed'])
+    assert not (tmp_path / 'UCF-101_features' / (clip_stem(victims[0]) + '.npy')).exists()
+
+
+def pack_args(tiny_ucf, work, out, *extra):
+    root, _ = tiny_ucf
+    return ['--lists', os.path.join(root, 'ucfTrainTestlist'),
+            '--features-dir', os.path.join(work, 'UCF-101_features'),
+            '--predictions-dir', os.path.join(work, 'UCF-101_framePrediction'),
+            '--log-dir', os.path.join(work, 'extraction_logs'), '--out-dir', str(out), *extra]
+
+
+@pytest.fixture(scope='module')
+def packed(tiny_ucf, extracted, tmp_path_factory):
+    out = tmp_path_factory.mktemp('packed')
+    save_hdf5.main(pack_args(tiny_ucf, extracted, out))
+    return out
+
+
+def test_packed_files(tiny_ucf, extracted, packed):
+    root, written = tiny_ucf
+    lists = os.path.join(root, 'ucfTrainTestlist')
+    for name, subset, dims in (('train1024.hdf5', 'train', 16), ('test1024.hdf5', 'test', 16),
+                               ('testPredictions1024.hdf5', 'test', 4)):
+        header = save_hdf5.read_hdf5_header(str(packed / name), expect_split=1, expect_subset=subset)
+        clips = read_split(lists, 1, subset)
+        assert header['clips'] == [clip_stem(c.path) for c in clips]
+        assert list(header['labels']) == [c.label for c in clips]
+        assert 'HandstandPushups' in header['classes'] and header['dim'] == dims
+        with h5py.File(packed / name, 'r') as f:
+            folder = 'UCF-101_framePrediction' if dims == 4 else 'UCF-101_features'
+            for c in clips[::10]:
+                assert np.array_equal(f[clip_stem(c.path)][()],
+                                      np.load(os.path.join(extracted, folder, clip_stem(c.path) + '.npy')))
+                assert f[clip_stem(c.path)].attrs['label'] == c.label
+
+
+def test_packing_refuses_missing_clips(tiny_ucf, extracted, tmp_path, capsys):
+    work = tmp_path / 'work'
+    shutil.copytree(extracted, work)
+    victim = sorted(npy_files(work / 'UCF-101_features'))[0]
+    os.unlink(work / 'UCF-101_features' / victim)
+    with pytest.raises(SystemExit, match=r'(?s)1 of \d+ clips have no features file.*' + victim[:-4]):
+        save_hdf5.main(pack_args(tiny_ucf, str(work), tmp_path))
+    assert not list(tmp_path.glob('*.hdf5'))  # nothing written
+    save_hdf5.main(pack_args(tiny_ucf, str(work), tmp_path, '--skip-missing'))
+    assert 'packing without them' in capsys.readouterr().err
+
+
+def test_normalization(packed, tmp_path):
+    out = dict(train=str(tmp_path / 'train_norm.hdf5'), test=str(tmp_path / 'test_norm.hdf5'))
+    normalizeData.main(['--train', str(packed / 'train1024.hdf5'), '--test', str(packed / 'test1024.hdf5'),
+                        '--train-out', out['train'], '--test-out', out['test'],
+                        '--stats', str(tmp_path / 'stats.npz')])
+    with h5py.File(packed / 'train1024.hdf5', 'r') as f:
+        raw = np.concatenate([f[n][()] for n in save_hdf5.read_hdf5_header(str(packed / 'train1024.hdf5'))['clips']])
+    with h5py.File(out['train'], 'r') as f:
+        normalized = np.concatenate([f[n][()] for n in save_hdf5.read_hdf5_header(out['train'])['clips']])
+    stats = np.load(tmp_path / 'stats.npz')
+    assert np.allclose(stats['mean'], raw.mean(axis=0), atol=1e-4)
+    varying = raw.std(axis=0) > 1e-6
+    assert np.allclose(stats['std'][varying], raw.std(axis=0)[varying], rtol=1e-3)
+    assert np.allclose(normalized.mean(axis=0), 0, atol=1e-4)
+    assert np.allclose(normalized.std(axis=0)[varying], 1, atol=1e-3)
+    assert np.isfinite(normalized).all() and (stats['std'] > 0).all()
+    with h5py.File(out['test'], 'r') as f, h5py.File(packed / 'test1024.hdf5', 'r') as g:
+        name = save_hdf5.read_hdf5_header(out['test'])['clips'][0]
+        assert np.allclose(f[name][()], (g[name][()] - stats['mean']) / stats['std'], atol=1e-5)
+
+
+def test_single_frame_accuracy(packed, tmp_path, capsys):
+    accuracies = singleFrameAccuracy.main(['--predictions', str(packed / 'testPredictions1024.hdf5'),
+                                           '--results', str(tmp_path / 'r.npz'), '--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'Accuracy(top 1, top 5, top 10): (' in out and 'test clips scored' in out
+    assert accuracies[2] == 1.0  # 4 classes: top-10 is certain
+    results = np.load(tmp_path / 'r.npz')
+    with h5py.File(packed / 'testPredictions1024.hdf5', 'r') as f:
+        name = str(results['clips'][0])
+        assert np.allclose(results['scores'][0], np.log(f[name][()]).sum(axis=0), rtol=1e-4)
+    for produced in ('singleFrame_confusion.png', 'singleFrame_confusion.csv', 'singleFrame_per_class.csv'):
+        assert (tmp_path / produced).stat().st_size > 0
+    with pytest.raises(SystemExit, match='not per-frame predictions'):
+        singleFrameAccuracy.main(['--predictions', str(packed / 'test1024.hdf5'), '--results',
+                                  str(tmp_path / 'x.npz')])
