@@ -1,0 +1,423 @@
+"""Part 3: an LSTM over the normalised fc7 feature sequences of the clips.
+
+    python rnn.py                                  # the starter: 1 LSTM layer, sequences of 120, BPTT 30
+    python rnn.py --lstm-layers 2 --dropout 0.3 --inference full segments weighted
+
+The starter model: LSTM (1024 -> 512) -> Linear + sigmoid (512) -> Linear (101 classes), applied at every time
+step; the loss of every step counts (--loss-weighting shifts it toward the end of the sequence). Training
+sequences are --seqlen frames: a random segment of a longer clip, a shorter clip padded by playing it backwards
+and forwards again (helperFunctions.repeatSequence). Back-propagation is truncated every --bptt frames: the
+state is carried on, the graph is cut, the weights are updated.
+
+Each epoch prints the training loss and accuracy (the accuracy of the last step, which the handout warns
+flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of every --inference technique:
+  full      the whole clip in one pass, log softmax averaged over all steps
+  last      the whole clip, the last step only
+  weighted  the whole clip, steps weighted linearly toward the end
+  segments  --segments sequences of --seqlen frames spread over the clip, their scores averaged
+The first technique's per-clip scores go to lstm_results.npz for confusion.py.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import h5py
+import matplotlib
+import numpy as np
+from chainer import training
+from chainer.training import extensions
+
+from confusion import format_accuracy, save_results, topk_accuracies
+from helperFunctions import DataError, atomic_path, device_from_arg, rate_eta_extension, repeatSequence
+from save_hdf5 import read_hdf5_header
+
+matplotlib.use('Agg')
+
+INFERENCE = ('full', 'last', 'weighted', 'segments')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: clips read from the HDF5 file one at a time (memory stays small at full scale unless --in-memory)
+# ----------------------------------------------------------------------------------------------------------
+
+class ClipFeatures:
+    """The clips of a packed (normalised) feature file: names, labels, and each clip's frames x dims array."""
+
+    def __init__(self, path, subset, split=None, in_memory=False):
+        header = read_hdf5_header(path, expect_split=split, expect_subset=subset)
+        self.path, self.names, self.labels = path, header['clips'], np.asarray(header['labels'], np.int32)
+        self.classes, self.dim, self.split = header['classes'], int(header['dim']), int(header['split'])
+        if 'normalized' not in str(header.get('kind', '')):
+            print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
+                  file=sys.stderr)
+        self._file, self._pid, self._cache = None, None, None
+        if in_memory:
+            self._cache = [self.read(i) for i in range(len(self))]
+
+    def __len__(self):
+        return len(self.names)
+
+    def read(self, i):
+        if self._cache is not None:
+            return self._cache[i]
+        if self._pid != os.getpid():  # an h5py handle must not cross a fork
+            self._file, self._pid = h5py.File(self.path, 'r'), os.getpid()
+        x = self._file[self.names[i]][()]
+        if not np.isfinite(x).all():
+            raise DataError(f'{self.path}: clip {self.names[i]} holds NaN or inf; rerun normalizeData.py')
+        return x
+
+    def lengths(self):
+        with h5py.File(self.path, 'r') as f:
+            return np.array([f[n].shape[0] for n in self.names])
+
+
+def training_sequence(x, length, rng, max_stride=1, noise=0.0):
+    """A random segment of `length` frames (every stride-th frame, stride drawn from 1..max_stride when the
+    clip is long enough), or the whole clip padded by repeatSequence if it is shorter; plus Gaussian noise."""
+    n = len(x)
+    strides = [s for s in range(1, max_stride + 1) if n >= length * s] or [1]
+    stride = strides[rng.randint(len(strides))]
+    if n >= length * stride:
+        start = rng.randint(0, n - length * stride + 1)
+        x = x[start:start + length * stride:stride]
+    else:
+        x = repeatSequence(x, length)
+    if noise:
+        x = x + rng.normal(0, noise, x.shape).astype(np.float32)
+    return x
+
+
+class SequenceDataset(chainer.dataset.DatasetMixin):
+
+    def __init__(self, clips, length, max_stride=1, noise=0.0, seed=0):
+        self.clips, self.length, self.max_stride, self.noise = clips, length, max_stride, noise
+        self.rng = np.random.RandomState(seed)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def get_example(self, i):
+        x = training_sequence(self.clips.read(i), self.length, self.rng, self.max_stride, self.noise)
+        return x.astype(np.float32), self.clips.labels[i]
+
+
+def segment_starts(n, length, count):
+    """`count` start frames of `length`-frame segments spread evenly over a clip of n frames."""
+    if n <= length:
+        return [0]
+    return sorted(set(np.linspace(0, n - length, count).round().astype(int).tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+class RNN(chainer.Chain):
+    """Stacked LSTM -> Linear + sigmoid -> Linear, over (batch, time, features), carrying its state between
+    calls until reset_state(). The input projection of a whole chunk is one matrix product per layer; only the
+    recurrent part runs step by step."""
+
+    def __init__(self, n_in=1024, n_hidden=512, n_layers=1, n_fc=512, n_classes=101, dropout=0.0,
+                 batchnorm=False):
+        super().__init__()
+        self.n_hidden, self.n_layers, self.dropout, self.batchnorm = n_hidden, n_layers, dropout, batchnorm
+        with self.init_scope():
+            self.upward = chainer.ChainList(*[L.Linear(n_in if i == 0 else n_hidden, 4 * n_hidden)
+                                              for i in range(n_layers)])
+            self.lateral = chainer.ChainList(*[L.Linear(n_hidden, 4 * n_hidden, nobias=True)
+                                               for _ in range(n_layers)])
+            if batchnorm:
+                self.bn = L.BatchNormalization(n_hidden)
+            self.fc = L.Linear(n_hidden, n_fc)
+            self.out = L.Linear(n_fc, n_classes)
+        # Forget gates start open (bias 1), the usual remedy for early vanishing gradients.
+        for up in self.upward:
+            up.b.array.reshape(n_hidden, 4)[:, 2] = 1.0
+        self.reset_state()
+
+    def reset_state(self):
+        self.state = [(None, None)] * self.n_layers
+
+    def forward(self, x):
+        """x: (batch, time, n_in) -> class scores (batch, time, n_classes)."""
+        batch, steps = x.shape[:2]
+        h_seq = x
+        for layer in range(self.n_layers):
+            inputs = F.dropout(h_seq, self.dropout) if self.dropout else h_seq
+            projected = F.reshape(self.upward[layer](F.reshape(inputs, (batch * steps, -1))),
+                                  (batch, steps, -1))
+            c, h = self.state[layer]
+            outputs = []
+            for t in range(steps):
+                gates = projected[:, t] if h is None else projected[:, t] + self.lateral[layer](h)
+                if c is None:
+                    c = self.xp.zeros((batch, self.n_hidden), np.float32)
+                c, h = F.lstm(c, gates)
+                outputs.append(h)
+            self.state[layer] = (c, h)
+            h_seq = F.stack(outputs, axis=1)
+        h = F.reshape(h_seq, (batch * steps, self.n_hidden))
+        if self.dropout:
+            h = F.dropout(h, self.dropout)
+        if self.batchnorm:
+            h = self.bn(h)
+        y = self.out(F.sigmoid(self.fc(h)))
+        return F.reshape(y, (batch, steps, -1))
+
+
+def loss_weights(steps, mode, xp=np):
+    """Per-step loss weights with mean 1: 'uniform', 'linear' (growing toward the end) or 'last' (last step)."""
+    if mode == 'uniform':
+        w = np.ones(steps)
+    elif mode == 'linear':
+        w = np.arange(1, steps + 1, dtype=np.float64)
+    elif mode == 'last':
+        w = np.zeros(steps)
+        w[-1] = 1
+    else:
+        raise ValueError(f'unknown loss weighting {mode!r}')
+    return xp.asarray(w / w.mean(), np.float32)
+
+
+class BPTTUpdater(training.updaters.StandardUpdater):
+    """Truncated back-propagation through time: every `bptt` steps, backward, cut the graph, update."""
+
+    def __init__(self, iterator, optimizer, device, bptt, loss_weighting='uniform', min_length=None, seed=0):
+        super().__init__(iterator, optimizer, device=device)
+        self.bptt, self.loss_weighting, self.min_length = bptt, loss_weighting, min_length
+        self.rng = np.random.RandomState(seed)
+
+    def update_core(self):
+        batch = self.get_iterator('main').next()
+        x, t = self.converter(batch, self.device)
+        optimizer = self.get_optimizer('main')
+        model = optimizer.target
+        steps = x.shape[1]
+        if self.min_length:  # variable-length training: a random length for this batch
+            steps = self.rng.randint(min(self.min_length, steps), steps + 1)
+            x = x[:, :steps]
+        weights = loss_weights(steps, self.loss_weighting, model.xp)
+        model.reset_state()
+        total, y = 0.0, None
+        for start in range(0, steps, self.bptt):
+            end = min(start + self.bptt, steps)
+            y = model(x[:, start:end])
+            chunk = end - start
+            losses = F.softmax_cross_entropy(F.reshape(y, (-1, y.shape[2])), model.xp.repeat(t, chunk),
+                                             reduce='no')
+            step_weights = model.xp.tile(weights[start:end], len(t))
+            loss = F.sum(losses * step_weights) / (len(t) * steps)
+            model.cleargrads()
+            loss.backward()
+            loss.unchain_backward()
+            optimizer.update()
+            total += float(loss.array)
+        chainer.report({'loss': total, 'accuracy': F.accuracy(y[:, -1], t)}, model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------------------
+
+def step_log_probs(model, sequences, chunk=120):
+    """Log softmax at every step of each sequence (list of frames x dims arrays, any lengths), run in one
+    padded batch: the LSTM is causal, so the padding after a clip's end cannot change its earlier steps."""
+    lengths = [len(s) for s in sequences]
+    batch = np.zeros((len(sequences), max(lengths), sequences[0].shape[1]), np.float32)
+    for i, s in enumerate(sequences):
+        batch[i, :len(s)] = s
+    x = model.xp.asarray(batch)
+    model.reset_state()
+    outputs = []
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        for start in range(0, x.shape[1], chunk):
+            outputs.append(chainer.backends.cuda.to_cpu(F.log_softmax(
+                F.reshape(model(x[:, start:start + chunk]), (-1, model.out.W.shape[0]))).array.reshape(
+                    len(sequences), -1, model.out.W.shape[0])))
+    y = np.concatenate(outputs, axis=1)
+    return [y[i, :n] for i, n in enumerate(lengths)]
+
+
+def clip_score(log_probs, technique):
+    if technique == 'last':
+        return log_probs[-1]
+    if technique == 'weighted':
+        w = np.arange(1, len(log_probs) + 1, dtype=np.float64)
+        return (log_probs * w[:, None]).sum(axis=0) / w.sum()
+    return log_probs.mean(axis=0)
+
+
+def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
+    """{technique: scores (clips x classes)} on every clip of `clips`, in batches of similar lengths."""
+    lengths = clips.lengths()
+    order = np.argsort(lengths, kind='stable')
+    n_classes = model.out.W.shape[0]
+    scores = {t: np.zeros((len(clips), n_classes), np.float32) for t in techniques}
+    for b in range(0, len(order), batchsize):
+        index = order[b:b + batchsize]
+        features = [clips.read(i) for i in index]
+        whole = [t for t in techniques if t != 'segments']
+        if whole:
+            for i, log_probs in zip(index, step_log_probs(model, features)):
+                for t in whole:
+                    scores[t][i] = clip_score(log_probs, t)
+        if 'segments' in techniques:
+            pieces, owners = [], []
+            for i, x in zip(index, features):
+                for start in segment_starts(len(x), seqlen, segments):
+                    pieces.append(repeatSequence(x[start:start + seqlen], seqlen))
+                    owners.append(i)
+            owners = np.array(owners)
+            piece_scores = np.stack([p.mean(axis=0) for p in step_log_probs(model, pieces)])
+            for i in index:
+                scores['segments'][i] = piece_scores[owners == i].mean(axis=0)
+    return scores
+
+
+def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
+    """Each epoch: test top-1/5/10 of every inference technique, reported and printed in the handout's form."""
+    @training.make_extension(trigger=(1, 'epoch'), priority=training.PRIORITY_WRITER)
+    def run_test(trainer):
+        scores = evaluate(model, clips, techniques, seqlen, segments, batchsize)
+        observation = {}
+        for technique in techniques:
+            accuracies = topk_accuracies(clips.labels, scores[technique])
+            for k, a in zip((1, 5, 10), accuracies):
+                observation[f'test/{technique}/top{k}'] = a
+            print(f'epoch {trainer.updater.epoch} test [{technique}] {format_accuracy(accuracies)}', flush=True)
+        chainer.report(observation)
+        run_test.last_scores = scores
+    run_test.last_scores = None
+    return run_test
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train', default='train1024_norm.hdf5', help='normalised training features')
+    p.add_argument('--test', default='test1024_norm.hdf5', help='normalised test features')
+    p.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
+    p.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
+    p.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
+    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    p.add_argument('--epoch', '-e', type=int, default=20)
+    p.add_argument('--batchsize', '-b', type=int, default=32)
+    p.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'))
+    p.add_argument('--lr', type=float, default=0.001, help='learning rate (Adam: alpha)')
+    p.add_argument('--weight-decay', type=float, default=0.0)
+    p.add_argument('--grad-clip', type=float, default=0.0, help='clip the gradient norm to this (0: off)')
+    p.add_argument('--hidden', type=int, default=512, help='LSTM units per layer')
+    p.add_argument('--lstm-layers', type=int, default=1)
+    p.add_argument('--fc', type=int, default=512, help='width of the Linear + sigmoid layer')
+    p.add_argument('--dropout', type=float, default=0.0, help='dropout ratio on the LSTM inputs and outputs')
+    p.add_argument('--batchnorm', action='store_true', help='batch normalisation of the LSTM output')
+    p.add_argument('--seqlen', type=int, default=120, help='frames per training sequence')
+    p.add_argument('--bptt', type=int, default=30, help='truncated back-propagation length')
+    p.add_argument('--variable-length', type=int, default=0, metavar='MIN',
+                   help='train each batch on a random length between MIN and --seqlen (0: off)')
+    p.add_argument('--loss-weighting', default='uniform', choices=('uniform', 'linear', 'last'),
+                   help="weight of each step's loss: equal, growing toward the end, or the last step only")
+    p.add_argument('--noise', type=float, default=0.0, help='augmentation: Gaussian noise on the features')
+    p.add_argument('--max-stride', type=int, default=1, help='augmentation: random frame stride up to this')
+    p.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
+                   help='test techniques to report (the first one is saved for confusion.py)')
+    p.add_argument('--segments', type=int, default=5, help='sequences per clip for --inference segments')
+    p.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
+    p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    if args.bptt < 1 or args.seqlen < 1:
+        p.error('--seqlen and --bptt must be positive')
+    return args
+
+
+def make_optimizer(args):
+    if args.optimizer == 'adam':
+        optimizer = chainer.optimizers.Adam(alpha=args.lr)
+    elif args.optimizer == 'momentum':
+        optimizer = chainer.optimizers.MomentumSGD(lr=args.lr, momentum=0.9)
+    else:
+        optimizer = chainer.optimizers.SGD(lr=args.lr)
+    return optimizer
+
+
+def make_trainer(args):
+    train = ClipFeatures(args.train, 'train', in_memory=args.in_memory)
+    test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
+    if train.classes != test.classes or train.dim != test.dim:
+        raise DataError(f'{args.train} and {args.test} differ in classes or feature size')
+    np.random.seed(args.seed)
+    model = RNN(train.dim, args.hidden, args.lstm_layers, args.fc, len(train.classes), args.dropout, args.batchnorm)
+    device = device_from_arg(args.device)
+    model.to_device(device)
+    device.use()
+    optimizer = make_optimizer(args)
+    optimizer.setup(model)
+    if args.weight_decay:
+        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
+    if args.grad_clip:
+        optimizer.add_hook(chainer.optimizer_hooks.GradientClipping(args.grad_clip))
+
+    dataset = SequenceDataset(train, args.seqlen, args.max_stride, args.noise, args.seed)
+    iterator = chainer.iterators.SerialIterator(
+        dataset, args.batchsize, order_sampler=chainer.iterators.ShuffleOrderSampler(
+            np.random.RandomState(args.seed)))
+    updater = BPTTUpdater(iterator, optimizer, device, args.bptt, args.loss_weighting, args.variable_length,
+                          args.seed)
+    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+    tester = evaluation_extension(model, test, args.inference, args.seqlen, args.segments, args.batchsize)
+    trainer.extend(tester)
+    trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
+    first = args.inference[0]
+    trainer.extend(extensions.PrintReport(['epoch', 'iteration', 'main/loss', 'main/accuracy',
+                                           f'test/{first}/top1', f'test/{first}/top5', f'test/{first}/top10',
+                                           'elapsed_time']))
+    iterations = args.epoch * -(-len(train) // args.batchsize)
+    trainer.extend(rate_eta_extension(iterations, args.batchsize, 'sequences', (10, 'iteration')))
+    trainer.extend(extensions.PlotReport(['main/loss'], 'epoch', file_name='loss.png'))
+    trainer.extend(extensions.PlotReport(['main/accuracy'] + [f'test/{t}/top1' for t in args.inference],
+                                         'epoch', file_name='accuracy.png'))
+    trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
+                   trigger=(1, 'epoch'))
+    if args.resume:
+        snapshots = glob.glob(os.path.join(args.out, 'snapshot_iter_*'))
+        path = (max(snapshots, key=lambda p: int(p.rsplit('_', 1)[1]), default=None) if args.resume == 'auto'
+                else args.resume)
+        if path and not os.path.isfile(path):
+            raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
+        if path:
+            chainer.serializers.load_npz(path, trainer)
+            print(f'resumed from {path} at epoch {updater.epoch}', file=sys.stderr)
+    return trainer, model, test, tester
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        trainer, model, test, tester = make_trainer(args)
+        trainer.run()
+        scores = tester.last_scores or evaluate(model, test, args.inference, args.seqlen, args.segments,
+                                                args.batchsize)
+        model.to_cpu()
+        with atomic_path(args.model_out) as tmp:
+            chainer.serializers.save_npz(tmp, model)
+        save_results(args.results, test.names, test.labels, scores[args.inference[0]], test.classes,
+                     split=test.split, model='lstm', inference=args.inference[0])
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
+    for t in args.inference:
+        print(f'final test [{t}] {format_accuracy(final[t])}')
+    return final, trainer.observation
+
+
+if __name__ == '__main__':
+    main()
