@@ -1,0 +1,174 @@
+"""Part 3: sequences, truncated BPTT, loss weighting, inference techniques and resume, on synthetic HDF5."""
+import os
+
+import chainer
+import numpy as np
+import pytest
+
+import rnn
+from helperFunctions import repeatSequence
+from save_hdf5 import write_packed
+
+CLASSES = ['Down', 'Still', 'Up']
+
+
+def motion_clip(label, n, rng, dim=6):
+    """Features whose first dimension drifts down, stays, or drifts up: only the order in time tells."""
+    x = rng.normal(0, 0.3, (n, dim)).astype(np.float32)
+    x[:, 0] = rng.uniform(-1, 1) + (label - 1) * np.linspace(0, 3, n) + rng.normal(0, 0.1, n)
+    return x
+
+
+@pytest.fixture(scope='module')
+def features(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('features')
+    rng = np.random.RandomState(0)
+    for subset, count in (('train', 90), ('test', 30)):
+        items = [(f'{CLASSES[i % 3]}/v_{CLASSES[i % 3]}_g{i:02d}_c01', i % 3,
+                  motion_clip(i % 3, rng.randint(10, 40), rng)) for i in range(count)]
+        write_packed(str(folder / f'{subset}.hdf5'), items, len(items), CLASSES, split=1, subset=subset,
+                     kind='normalized features')
+    return folder
+
+
+def rnn_args(features, out, *extra):
+    return ['--train', str(features / 'train.hdf5'), '--test', str(features / 'test.hdf5'), '--out', str(out),
+            '--model-out', str(out / 'rnn.model'), '--results', str(out / 'lstm_results.npz'),
+            '--hidden', '16', '--fc', '16', '--seqlen', '12', '--bptt', '4', '--batchsize', '10', '--lr', '0.01',
+            *extra]
+
+
+def test_short_clips_are_padded_and_long_ones_give_random_segments():
+    rng = np.random.RandomState(0)
+    short = np.arange(5, dtype=np.float32)[:, None]
+    assert np.array_equal(rnn.training_sequence(short, 12, rng), repeatSequence(short, 12))
+    long = np.arange(100, dtype=np.float32)[:, None]
+    starts = set()
+    for _ in range(30):
+        seq = rnn.training_sequence(long, 12, rng)[:, 0]
+        assert np.array_equal(np.diff(seq), np.ones(11))  # a contiguous segment
+        starts.add(seq[0])
+    assert len(starts) > 10 and max(starts) <= 88
+    strided = rnn.training_sequence(long, 12, np.random.RandomState(1), max_stride=3)[:, 0]
+    assert len(set(np.diff(strided))) == 1 and len(strided) == 12
+
+
+def test_segment_starts():
+    assert rnn.segment_starts(50, 120, 5) == [0]
+    assert rnn.segment_starts(220, 120, 5) == [0, 25, 50, 75, 100]
+    assert rnn.segment_starts(122, 120, 5) == [0, 1, 2]
+
+
+def test_loss_weights():
+    assert np.allclose(rnn.loss_weights(4, 'uniform'), 1)
+    linear = rnn.loss_weights(4, 'linear')
+    assert np.allclose(linear.mean(), 1) and np.all(np.diff(linear) > 0)
+    assert rnn.loss_weights(4, 'last').tolist() == [0, 0, 0, 4]
+
+
+def make_updater(model, seqlen, bptt, weighting='uniform'):
+    rng = np.random.RandomState(0)
+    data = [(rng.normal(size=(seqlen, 6)).astype(np.float32), np.int32(i % 3)) for i in range(6)]
+    optimizer = chainer.optimizers.SGD(lr=0.1)
+    optimizer.setup(model)
+    iterator = chainer.iterators.SerialIterator(data, 6, shuffle=False)
+    return rnn.BPTTUpdater(iterator, optimizer, chainer.get_device('@numpy'), bptt, weighting), optimizer
+
+
+def run_update(updater, model):
+    reporter = chainer.Reporter()
+    reporter.add_observer('main', model)
+    observation = {}
+    with reporter.scope(observation):
+        updater.update()
+    return observation
+
+
+def test_truncated_bptt_carries_state_and_cuts_the_graph():
+    np.random.seed(0)
+    model = rnn.RNN(6, 8, 2, 8, 3)
+    updater, optimizer = make_updater(model, 10, 4)
+    run_update(updater, model)
+    assert optimizer.t == 3  # chunks of 4, 4 and 2 steps: three updates
+    for c, h in model.state:  # the state survives the chunks, but without a graph behind it
+        assert c is not None and h.creator is None and c.creator is None
+    # Carrying the state matters: the next chunk's output differs from one computed from a fresh state.
+    x = np.random.RandomState(1).normal(size=(2, 3, 6)).astype(np.float32)
+    with chainer.using_config('train', False):
+        model.reset_state()
+        model(x)
+        carried = model(x).array
+        model.reset_state()
+        fresh = model(x).array
+    assert not np.allclose(carried, fresh)
+
+
+def test_last_step_weighting_only_trains_on_the_last_chunk():
+    np.random.seed(0)
+    model = rnn.RNN(6, 8, 1, 8, 3)
+    before = model.out.W.array.copy()
+    updater, optimizer = make_updater(model, 8, 4, 'last')
+    updater.bptt = 8  # one chunk: the update comes from the last step alone
+    observation = run_update(updater, model)
+    assert observation['main/loss'] > 0 and not np.array_equal(before, model.out.W.array)
+    np.random.seed(0)
+    model = rnn.RNN(6, 8, 1, 8, 3)
+    updater, optimizer = make_updater(model, 8, 4, 'last')
+    first_chunk = []
+    original = optimizer.update
+    optimizer.update = lambda *a: (first_chunk.append(float(np.abs(model.out.W.grad).sum())), original(*a))[1]
+    run_update(updater, model)
+    assert first_chunk[0] == 0 and first_chunk[1] > 0  # steps 0-3 have weight 0
+
+
+def test_batched_inference_equals_one_clip_at_a_time(features):
+    clips = rnn.ClipFeatures(str(features / 'test.hdf5'), 'test')
+    np.random.seed(0)
+    model = rnn.RNN(clips.dim, 8, 2, 8, 3)
+    techniques = ['full', 'last', 'weighted', 'segments']
+    batched = rnn.evaluate(model, clips, techniques, seqlen=12, segments=3, batchsize=7)
+    for i in (0, 5, 17):
+        x = clips.read(i)
+        log_probs = rnn.step_log_probs(model, [x])[0]
+        assert log_probs.shape == (len(x), 3)
+        assert np.allclose(batched['full'][i], log_probs.mean(axis=0), atol=1e-5)
+        assert np.allclose(batched['last'][i], log_probs[-1], atol=1e-5)
+        w = np.arange(1, len(x) + 1)
+        assert np.allclose(batched['weighted'][i], (log_probs * w[:, None]).sum(0) / w.sum(), atol=1e-5)
+        pieces = [repeatSequence(x[s:s + 12], 12) for s in rnn.segment_starts(len(x), 12, 3)]
+        want = np.mean([p.mean(axis=0) for p in rnn.step_log_probs(model, pieces)], axis=0)
+        assert np.allclose(batched['segments'][i], want, atol=1e-5)
+
+
+def test_lstm_learns_order_in_time_and_resumes(features, tmp_path, capsys):
+    final, _ = rnn.main(rnn_args(features, tmp_path, '--epoch', '2', '--inference', 'full', 'last'))
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('snapshot')) == ['snapshot_iter_18',
+                                                                                   'snapshot_iter_9']
+    trainer, model, test, _ = rnn.make_trainer(rnn.parse_args(rnn_args(
+        features, tmp_path, '--epoch', '30', '--inference', 'full', 'last', '--resume', 'auto')))
+    assert trainer.updater.epoch == 2 and trainer.updater.iteration == 18
+    trainer.run()
+    out = capsys.readouterr().out
+    assert 'epoch 30 test [full] Accuracy(top 1, top 5, top 10): (' in out
+    scores = rnn.evaluate(model, test, ['last'], 12)['last']
+    accuracy = (scores.argmax(axis=1) == test.labels).mean()
+    assert accuracy > 0.8, accuracy  # chance is 1/3; only the direction of the drift tells Up from Down
+    results = np.load(tmp_path / 'lstm_results.npz')
+    assert results['scores'].shape == (30, 3) and list(results['classes']) == CLASSES
+    for png in ('loss.png', 'accuracy.png'):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_every_knob_runs(features, tmp_path):
+    rnn.main(rnn_args(features, tmp_path, '--epoch', '1', '--lstm-layers', '2', '--batchnorm', '--dropout', '0.2',
+                      '--grad-clip', '1', '--weight-decay', '1e-4', '--variable-length', '6',
+                      '--loss-weighting', 'linear', '--noise', '0.1', '--max-stride', '2', '--optimizer',
+                      'momentum', '--inference', 'segments', 'weighted', '--in-memory'))
+    assert (tmp_path / 'rnn.model').exists()
+
+
+def test_wrong_files_are_refused(features, tmp_path):
+    with pytest.raises(SystemExit, match='holds the test clips, not the train ones'):
+        rnn.main(rnn_args(features, tmp_path, '--train', str(features / 'test.hdf5')))
+    with pytest.raises(SystemExit, match='nothing.hdf5: not found'):
+        rnn.main(rnn_args(features, tmp_path, '--test', str(tmp_path / 'nothing.hdf5')))
