@@ -16,7 +16,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from helperFunctions import DataError, atomic_path
+from helperFunctions import DataError, atomic_path, exit_on_user_error
 
 CONV_LAYERS = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
@@ -135,26 +135,33 @@ def save_model(model, path, provenance):
 
 
 def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
-    """Scale each layer of a randomly initialised VGG16 so that its outputs have unit spread on image-like input.
+    """Data-free initialisation of a random VGG16 for the demo: every unit gets zero mean and unit spread on
+    image-like input (layer-sequential, per channel).
 
-    ImageNet weights bring features of a sane scale; random ones compound the input's +-100 pixel range over 14
-    layers, and the new fc7 then starts saturated and never learns. ReLU networks are positively homogeneous, so
-    this rescaling changes only the scale of each layer, not what it computes (layer-sequential unit variance).
+    ImageNet weights bring features of a sane scale whose units switch on for some images and off for others.
+    Random weights compound the input's +-100 pixel range over 14 layers, and after each ReLU every channel
+    carries a large common offset, so the units barely differ between images and the new fc7 learns slowly.
+    Centring and scaling each unit (weights and bias) fixes both.
     """
-    x = np.random.RandomState(seed).normal(0, pixel_std, (batch, 3, model.insize, model.insize)).astype(np.float32)
-    h = x
+    h = np.random.RandomState(seed).normal(0, pixel_std, (batch, 3, model.insize, model.insize)).astype(np.float32)
     names = iter(CONV_LAYERS)
+
+    def calibrate(link, x, axes):
+        pre = (conv_forward(x, link, model.conv) if axes == (0, 2, 3) else link(x)).array
+        mean, std = pre.mean(axis=axes), pre.std(axis=axes) + 1e-6
+        link.W.array /= std.reshape((-1,) + (1,) * (link.W.ndim - 1))
+        link.b.array[...] = (link.b.array - mean) / std
+
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         for n in BLOCKS:
             for _ in range(n):
                 link = getattr(model, next(names))
-                pre = conv_forward(h, link, model.conv).array
-                link.W.array /= pre.std() + 1e-12
+                calibrate(link, h, (0, 2, 3))
                 h = F.relu(conv_forward(h, link, model.conv))
             h = F.max_pooling_2d(h, 2, 2)
         for name in ('fc6', 'fc7'):
             link = getattr(model, name)
-            link.W.array /= link(h).array.std() + 1e-12
+            calibrate(link, h, (0,))
             h = F.relu(link(h))
 
 
@@ -207,7 +214,7 @@ def main(argv=None):
     p.add_argument('--fc-size', type=int, default=4096, help='fc6/fc7 width for --random')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    try:
+    with exit_on_user_error():
         if args.random:
             np.random.seed(args.seed)
             model = VGGNet(args.insize, tuple(args.widths), args.fc_size)
@@ -218,8 +225,6 @@ def main(argv=None):
             model = convert(args.from_caffemodel, args.out, 'caffe')
         else:
             model = convert(args.from_npz, args.out, 'npz')
-    except DataError as e:
-        sys.exit(f'error: {e}')
     print(f'wrote {args.out}: VGG16 for {model.insize}x{model.insize} inputs, {model.fc8.W.shape[0]} classes',
           file=sys.stderr)
 

@@ -17,8 +17,9 @@ LAYERS = CONV_LAYERS + ['fc6', 'fc7', 'fc8']
 class VGGNet_1024(VGGTrunk):
 
     def __init__(self, n_classes=101, insize=224, widths=WIDTHS, fc6_size=4096, feature_size=1024, conv='stock',
-                 train_from='fc7'):
+                 train_from='fc7', dropout=0.5):
         super().__init__(insize, widths, fc6_size, conv)
+        self.dropout = dropout  # after fc6 and fc7 in training, as in VGG16
         with self.init_scope():
             self.fc7 = L.Linear(fc6_size, feature_size)
             self.fc8 = L.Linear(feature_size, n_classes)
@@ -47,13 +48,13 @@ class VGGNet_1024(VGGTrunk):
             h = F.relu(self.fc6(h))
         else:
             h = self.fc6_features(x)
-        h = F.relu(self.fc7(F.dropout(h, 0.5)))
+        h = F.relu(self.fc7(F.dropout(h, self.dropout)))
         if self.train_from == 'fc8':
             h = h.array
         return h
 
     def forward(self, x, t):
-        y = self.fc8(F.dropout(self.fc7_features(x), 0.5))
+        y = self.fc8(F.dropout(self.fc7_features(x), self.dropout))
         loss = F.softmax_cross_entropy(y, t)
         chainer.report({'loss': loss, 'accuracy': F.accuracy(y, t)}, self)
         return loss
@@ -65,13 +66,13 @@ class VGGNet_1024(VGGTrunk):
             return F.softmax(self.fc8(h)).array, chainer.as_array(h)
 
 
-def from_vgg(vgg, n_classes, feature_size=1024, train_from='fc7', seed=None):
+def from_vgg(vgg, n_classes, feature_size=1024, train_from='fc7', seed=None, dropout=0.5):
     """A VGGNet_1024 whose conv1_1 ... fc6 are copies of `vgg`'s and whose fc7, fc8 are new."""
     if seed is not None:
         np.random.seed(seed)
     model = VGGNet_1024(n_classes, vgg.insize, tuple(getattr(vgg, CONV_LAYERS[i]).W.shape[0]
                                                       for i in (0, 2, 4, 7, 10)),
-                        vgg.fc6.W.shape[0], feature_size, vgg.conv, train_from)
+                        vgg.fc6.W.shape[0], feature_size, vgg.conv, train_from, dropout)
     for name in CONV_LAYERS + ['fc6']:
         getattr(model, name).copyparams(getattr(vgg, name))
     return model

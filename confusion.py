@@ -16,7 +16,7 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score
 
-from helperFunctions import DataError, atomic_path
+from helperFunctions import DataError, atomic_path, exit_on_user_error
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -177,14 +177,12 @@ def main(argv=None):
     p.add_argument('--out', '-o', default='report', help='folder for the plots and tables')
     p.add_argument('--top', type=int, default=10, help='classes to list in each group')
     args = p.parse_args(argv)
-    try:
+    with exit_on_user_error():
         single, lstm = load_results(args.single), load_results(args.lstm)
         os.makedirs(args.out, exist_ok=True)
         report_model(single, os.path.join(args.out, 'singleFrame'), 'single frame')
         report_model(lstm, os.path.join(args.out, 'lstm'), 'LSTM')
         return compare(single, lstm, args.out, args.top)
-    except DataError as e:
-        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

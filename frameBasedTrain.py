@@ -7,6 +7,7 @@ fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A sna
 --out; `--resume auto` continues from the newest one after a kill or a walltime limit.
 """
 import argparse
+import collections
 import glob
 import os
 import sys
@@ -19,9 +20,9 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (NO_AUGMENTATION, DataError, VideoError, check_clips_on_disk, device_from_arg,
-                             preprocess_frame, random_augmentation, rate_eta_extension, read_class_index,
-                             read_frame, read_split, video_info, warn)
+from helperFunctions import (DataError, NO_AUGMENTATION, VideoError, check_clips_on_disk, device_from_arg,
+                             exit_on_user_error, preprocess_frame, random_augmentation, rate_eta_extension,
+                             read_class_index, read_frame, read_frames, read_split, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -35,8 +36,10 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     of the same class, so one bad file cannot stop a long run.
     """
 
-    def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False):
+    def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False,
+                 cache_mb=0):
         self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
+        self.cache, self.cache_bytes = collections.OrderedDict(), cache_mb << 20
         self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
         self.by_label = {}
         for i, clip in enumerate(clips):
@@ -53,15 +56,29 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
             self._rng, self._pid = np.random.RandomState(), os.getpid()
         return self._rng
 
+    def decoded(self, i, path):
+        """All frames of clip i, from the in-memory cache (least recently used clips leave first)."""
+        if i in self.cache:
+            self.cache.move_to_end(i)
+        else:
+            self.cache[i] = read_frames(path)
+            while sum(f.nbytes for f in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
+                self.cache.popitem(last=False)
+        return self.cache[i]
+
     def frame(self, i):
         path = os.path.join(self.data_root, self.clips[i].path)
-        if i not in self.info:
-            self.info[i] = video_info(path)
-        info = self.info[i]
+        if self.cache_bytes:
+            frames = self.decoded(i, path)
+            count = len(frames)
+        else:
+            if i not in self.info:
+                self.info[i] = video_info(path)
+            count = self.info[i].frames
         # The last frame of a UCF-101 clip is often corrupt: draw from the others.
-        last = max(info.frames - 2, 0)
+        last = max(count - 2, 0)
         index = self.rng.randint(0, last + 1) if self.train else last // 2
-        frame = read_frame(path, index, info)
+        frame = frames[index] if self.cache_bytes else read_frame(path, index, self.info[i])
         augmentation = (random_augmentation(self.rng, frame.shape[1], frame.shape[0], **self.augment)
                         if self.train else NO_AUGMENTATION)
         return preprocess_frame(frame, self.insize, augmentation)
@@ -85,7 +102,8 @@ def build_model(args, n_classes):
     if args.insize and args.insize != vgg.insize:
         raise DataError(f'{args.vgg}: its fc6 is for {vgg.insize}x{vgg.insize} inputs, but --insize is '
                         f'{args.insize}; leave --insize out to use the weights\' size.')
-    model = VGGNet_1024.from_vgg(vgg, n_classes, args.feature_size, args.train_from, seed=args.seed)
+    model = VGGNet_1024.from_vgg(vgg, n_classes, args.feature_size, args.train_from, seed=args.seed,
+                                 dropout=args.dropout)
     return model, provenance
 
 
@@ -110,7 +128,7 @@ def make_trainer(args):
     model.freeze_below_train_from()
 
     train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
-                               resize=args.resize, rotate=args.rotate)
+                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb)
     example_bytes = 4 * 3 * model.insize ** 2 + 64
     order = chainer.iterators.ShuffleOrderSampler(np.random.RandomState(args.seed))
     if args.loaderjob > 0:
@@ -123,7 +141,7 @@ def make_trainer(args):
 
     if args.test_eval:
         test_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'test'), args.skip_missing)
-        test = RandomFrameDataset(args.data, test_clips, model.insize, train=False)
+        test = RandomFrameDataset(args.data, test_clips, model.insize, train=False, cache_mb=args.cache_mb)
         test_iter = chainer.iterators.SerialIterator(test, args.batchsize, repeat=False, shuffle=False)
         trainer.extend(extensions.Evaluator(test_iter, model, device=device), trigger=(1, 'epoch'))
 
@@ -170,6 +188,7 @@ def parse_args(argv=None):
     p.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
                    help='lowest layer that learns; the layers below stay as in VGG.model')
     p.add_argument('--feature-size', type=int, default=1024, help='width of the new fc7')
+    p.add_argument('--dropout', type=float, default=0.5, help='dropout ratio after fc6 and fc7')
     p.add_argument('--insize', type=int, default=None, help='input side; default: what VGG.model was made for')
     p.add_argument('--no-flip', action='store_true', help='turn off random horizontal flips')
     p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
@@ -179,6 +198,8 @@ def parse_args(argv=None):
                    help="convolution implementation: Chainer's own, or fast_conv.py's for the CPU")
     p.add_argument('--loaderjob', '-j', type=int, default=os.cpu_count(),
                    help='frame-loading processes (0: load in the training process)')
+    p.add_argument('--cache-mb', type=int, default=0,
+                   help='keep decoded clips in memory up to this size, per loading process (small data sets)')
     p.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')
     p.add_argument('--log-interval', type=int, default=20, help='iterations between log lines')
     p.add_argument('--snapshot-interval', type=int, default=0,
@@ -191,13 +212,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         trainer, model = make_trainer(args)
         trainer.run()
         model.to_cpu()
         VGGNet.save_model(model, args.model_out, f'frameBasedTrain(split={args.split},epochs={args.epoch})')
-    except DataError as e:
-        sys.exit(f'error: {e}')
     print(f'wrote {args.model_out}; log, loss.png and accuracy.png in {args.out}/', file=sys.stderr)
 
 

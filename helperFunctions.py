@@ -5,6 +5,8 @@ can never disagree about colour order, mean or resizing.
 """
 import collections
 import contextlib
+import errno
+import io
 import os
 import re
 import struct
@@ -332,16 +334,93 @@ def atomic_path(path):
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # name the file the user asked for
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
 
 
+def ensure_space(path, needed_bytes):
+    """Refuse to start writing `path` when the disk (or the shell's file-size limit, ulimit -f) cannot take it:
+    better one clear line now than a full disk an hour into the job."""
+    import resource
+    import shutil
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    needed = int(needed_bytes * 1.05) + (1 << 20)
+    if needed > free:
+        raise DataError(f'{path}: needs about {needed / 1e6:,.0f} MB but {probe} has {free / 1e6:,.0f} MB free; '
+                        'free some space or write elsewhere')
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise DataError(f'{path}: needs about {needed / 1e6:,.0f} MB but files are limited to {limit / 1e6:,.1f} MB '
+                        '(ulimit -f); raise the limit or write elsewhere')
+
+
+def run_isolated(function, *args):
+    """Run function(*args) in a forked child and return its result.
+
+    HDF5 crashes the whole interpreter (segmentation fault) when a write fails half-way, e.g. on a disk that
+    fills up; in a child, that becomes an error the parent can report, and the parent's atomic_path removes
+    the temporary file.
+    """
+    import multiprocessing
+    context = multiprocessing.get_context('fork')
+    receive, send = context.Pipe(duplex=False)
+
+    def child():
+        try:
+            send.send(('ok', function(*args)))
+        except BaseException as e:  # handed to the parent, which raises it
+            send.send(('error', e))
+
+    process = context.Process(target=child)
+    process.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        status, value = 'crash', None
+    process.join()
+    if status == 'ok':
+        return value
+    if status == 'error' and isinstance(value, (DataError, OSError, KeyboardInterrupt)):
+        raise value
+    reason = (f'{type(value).__name__}: {str(value).strip().splitlines()[0][:100]}' if status == 'error'
+              else f'exit {process.exitcode}')
+    raise OSError(errno.EIO, f'the writer failed ({reason}); the disk may be full')
+
+
 def save_npy_atomic(path, array):
+    """np.save, atomically. The bytes go through Python's own write: numpy's tofile() ignores a short write on a
+    full disk and would leave a truncated file that looks complete."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
-            np.save(f, array)
+            f.write(buffer.getbuffer())
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Bad input, and output that cannot be written (full disk, quota, read-only or wrong folder), end the
+    script with one line `error: ...` and exit status 1 instead of a traceback. Files are written atomically,
+    so nothing incomplete is left under a final name."""
+    try:
+        yield
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and not e.filename:
+            raise
+        what = e.filename or 'output'
+        sys.exit(f'error: {what}: {e.strerror or e} (errno {e.errno}). Check the path, free some space or choose '
+                 'another output folder, then rerun; no incomplete file was kept under a final name.')
 
 
 def warn(message):

@@ -15,7 +15,7 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import DataError, Progress, atomic_path, warn
+from helperFunctions import DataError, Progress, atomic_path, ensure_space, exit_on_user_error, warn
 from save_hdf5 import read_clip, read_hdf5_header, write_packed
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument('--test-out', default='test1024_norm.hdf5')
     p.add_argument('--stats', default='feature_stats1024.npz')
     args = p.parse_args(argv)
-    try:
+    with exit_on_user_error():
         train = read_hdf5_header(args.train, expect_subset='train')
         test = read_hdf5_header(args.test, expect_split=train['split'], expect_subset='test')
         if train['dim'] != test['dim']:
@@ -87,14 +87,13 @@ def main(argv=None):
                      constant=constant)
         for source, out, header, clips in ((args.train, args.train_out, train, train_clips),
                                            (args.test, args.test_out, test, test_clips)):
+            ensure_space(out, os.path.getsize(source))
             n_clips, n_frames = write_packed(out, normalized_items(source, clips, mean, safe_std), len(clips),
                                              header['classes'], split=header['split'], subset=header['subset'],
                                              kind='normalized features')
             print(f'wrote {out}: {n_clips} clips, {n_frames} frames'
                   + (f' ({len(header["clips"]) - n_clips} left out)' if n_clips < len(header['clips']) else ''),
                   file=sys.stderr)
-    except DataError as e:
-        sys.exit(f'error: {e}')
     print(f'statistics of {count} training frames in {args.stats}', file=sys.stderr)
 
 

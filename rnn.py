@@ -32,7 +32,8 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import format_accuracy, save_results, topk_accuracies
-from helperFunctions import DataError, atomic_path, device_from_arg, rate_eta_extension, repeatSequence
+from helperFunctions import (DataError, atomic_path, device_from_arg, exit_on_user_error, rate_eta_extension,
+                             repeatSequence)
 from save_hdf5 import read_hdf5_header
 
 matplotlib.use('Agg')
@@ -401,7 +402,7 @@ def make_trainer(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         trainer, model, test, tester = make_trainer(args)
         trainer.run()
         scores = tester.last_scores or evaluate(model, test, args.inference, args.seqlen, args.segments,
@@ -411,8 +412,6 @@ def main(argv=None):
             chainer.serializers.save_npz(tmp, model)
         save_results(args.results, test.names, test.labels, scores[args.inference[0]], test.classes,
                      split=test.split, model='lstm', inference=args.inference[0])
-    except DataError as e:
-        sys.exit(f'error: {e}')
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')

@@ -26,8 +26,8 @@ import numpy as np
 
 import VGGNet_1024
 from helperFunctions import (DataError, Progress, VideoError, atomic_path, check_clips_on_disk, clip_stem,
-                             device_from_arg, header_frame_count, iter_frames, preprocess_frame, read_class_index,
-                             read_split, save_npy_atomic, video_info, warn)
+                             device_from_arg, exit_on_user_error, header_frame_count, iter_frames, preprocess_frame,
+                             read_class_index, read_split, save_npy_atomic, video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 
@@ -226,10 +226,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with exit_on_user_error():
         return extract_shard(args)
-    except DataError as e:
-        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

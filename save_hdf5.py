@@ -20,7 +20,8 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import DataError, Progress, atomic_path, clip_stem, read_class_index, read_split, warn
+from helperFunctions import (DataError, Progress, atomic_path, clip_stem, ensure_space, exit_on_user_error,
+                             read_class_index, read_split, run_isolated, warn)
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
            ('test', 'predictions', 'testPredictions1024.hdf5')]
@@ -60,23 +61,27 @@ def write_packed(out_path, items, total, classes, **attrs):
 
     Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
     """
-    progress = Progress(total, 'clips', f'{os.path.basename(out_path)}: ', interval=5)
-    names, labels, frames, dim = [], [], 0, None
     with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, 'w') as f:
-            for name, label, array in items:
-                dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
-                dataset.attrs['label'] = label
-                names.append(name)
-                labels.append(label)
-                frames += array.shape[0]
-                dim = array.shape[1]
-                progress.update()
-            # The clip list is too long for an HDF5 attribute (64 KiB) at full scale: it is a dataset.
-            f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
-            f['_index/labels'] = np.array(labels, np.int32)
-            f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
-            f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
+        return run_isolated(_write_hdf5, tmp, items, total, classes, attrs, os.path.basename(out_path))
+
+
+def _write_hdf5(tmp, items, total, classes, attrs, title):
+    progress = Progress(total, 'clips', f'{title}: ', interval=5)
+    names, labels, frames, dim = [], [], 0, None
+    with h5py.File(tmp, 'w') as f:
+        for name, label, array in items:
+            dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
+            dataset.attrs['label'] = label
+            names.append(name)
+            labels.append(label)
+            frames += array.shape[0]
+            dim = array.shape[1]
+            progress.update()
+        # The clip list is too long for an HDF5 attribute (64 KiB) at full scale: it is a dataset.
+        f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
+        f['_index/labels'] = np.array(labels, np.int32)
+        f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
+        f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
     return len(names), frames
 
 
@@ -135,18 +140,18 @@ def main(argv=None):
     p.add_argument('--out-dir', default='.', help='where the three .hdf5 files go')
     p.add_argument('--skip-missing', action='store_true', help='pack the clips that have files, warn of the rest')
     args = p.parse_args(argv)
-    try:
+    with exit_on_user_error():
         classes = read_class_index(args.lists)
         subsets = {s: read_split(args.lists, args.split, s) for s in ('train', 'test')}
         folders = {'features': args.features_dir, 'predictions': args.predictions_dir}
         plan = [(check_complete(subsets[s], folders[k], args.log_dir, args.skip_missing, k), s, k, name)
                 for s, k, name in OUTPUTS]  # check all before writing anything
         for clips, subset, kind, name in plan:
+            ensure_space(os.path.join(args.out_dir, name), sum(
+                os.path.getsize(os.path.join(folders[kind], clip_stem(c.path) + '.npy')) for c in clips))
             n_clips, n_frames = write_packed(os.path.join(args.out_dir, name), npy_items(clips, folders[kind]),
                                              len(clips), classes, split=args.split, subset=subset, kind=kind)
             print(f'wrote {os.path.join(args.out_dir, name)}: {n_clips} clips, {n_frames} frames', file=sys.stderr)
-    except DataError as e:
-        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

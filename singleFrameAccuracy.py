@@ -9,13 +9,12 @@ confusion matrix (PNG, CSV), the per-class accuracy (CSV) and the most confused 
 """
 import argparse
 import os
-import sys
 
 import h5py
 import numpy as np
 
 from confusion import report_model, save_results
-from helperFunctions import DataError
+from helperFunctions import DataError, exit_on_user_error
 from save_hdf5 import read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
@@ -42,14 +41,12 @@ def main(argv=None):
     p.add_argument('--results', default='singleFrame_results.npz', help='per-clip scores, for confusion.py')
     p.add_argument('--out', '-o', default='report', help='folder for the confusion matrix and tables')
     args = p.parse_args(argv)
-    try:
+    with exit_on_user_error():
         clips, labels, scores, classes, split = clip_scores(args.predictions)
         save_results(args.results, clips, labels, scores, classes, split=split, model='single frame')
         os.makedirs(args.out, exist_ok=True)
         accuracies, _ = report_model(dict(labels=labels, scores=scores, classes=np.array(classes)),
                                      os.path.join(args.out, 'singleFrame'), 'single frame')
-    except DataError as e:
-        sys.exit(f'error: {e}')
     return accuracies
 
 

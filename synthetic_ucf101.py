@@ -47,7 +47,7 @@ def class_specs(n_classes, n_pairs=None):
 
 def family_look(family, n_families):
     """Background colour, object colour and shape shared by every clip of a family."""
-    hue = (family * 0.61803) % 1.0
+    hue = family / n_families  # evenly spread, so that no two families share a colour
     background = np.array(colorsys.hsv_to_rgb(hue, 0.45, 0.55)) * 255
     foreground = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.9, 0.95)) * 255
     return background, foreground, SHAPES[family % len(SHAPES)]

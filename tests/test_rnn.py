@@ -172,3 +172,20 @@ def test_wrong_files_are_refused(features, tmp_path):
         rnn.main(rnn_args(features, tmp_path, '--train', str(features / 'test.hdf5')))
     with pytest.raises(SystemExit, match='nothing.hdf5: not found'):
         rnn.main(rnn_args(features, tmp_path, '--test', str(tmp_path / 'nothing.hdf5')))
+
+
+def test_sweep_writes_one_table_and_skips_finished_runs(features, tmp_path, capsys):
+    import rnnSweep
+    common = rnn_args(features, tmp_path)[:4] + ['--hidden', '8', '--fc', '8', '--seqlen', '12', '--bptt', '6',
+                                                 '--epoch', '1', '--inference', 'full', 'last']
+    argv = ['--grid', 'lstm-layers=1,2', '--grid', 'batchnorm=on,off', '--out', str(tmp_path / 'sweep'), '--',
+            *common]
+    rows = rnnSweep.main(argv)
+    assert len(rows) == 8 and {r['inference'] for r in rows} == {'full', 'last'}
+    assert {r['configuration'] for r in rows} == {'lstm-layers=1_batchnorm=on', 'lstm-layers=1_batchnorm=off',
+                                                 'lstm-layers=2_batchnorm=on', 'lstm-layers=2_batchnorm=off'}
+    table = (tmp_path / 'sweep' / 'sweep_results.md').read_text()
+    assert table.count('\n| lstm-layers=') == 8 and '| top1 |' in table
+    model = tmp_path / 'sweep' / 'lstm-layers=2_batchnorm=on' / 'rnn.model'
+    stamp = model.stat().st_mtime_ns
+    assert rnnSweep.main(argv) == rows and model.stat().st_mtime_ns == stamp  # nothing retrained

@@ -1,0 +1,533 @@
+"""Fault injection: kills, bad clips, bad lists and paths, bad numbers, full disks, two writers.
+
+Each test records the fault it injected and the outcome it observed; at the end the suite writes the table to
+docs/FAULTS.md (README links it), so the table always says what the code did on the last run, not what we hoped.
+"""
+import csv
+import os
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import synthetic_ucf101
+from conftest import ROOT, extraction_args
+from helperFunctions import clip_stem, read_frames, read_split
+
+RESULTS = []
+TABLE = os.path.join(ROOT, 'docs', 'FAULTS.md')
+
+
+def record(category, fault, step, outcome):
+    outcome = re.sub(r'/\S*?/pytest-\d+/', '<tmp>/', outcome)  # the test's temporary folder, not the point
+    RESULTS.append((category, fault, step, outcome.replace('|', '/').replace('\n', ' ')))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def write_table():
+    yield
+    if not RESULTS:
+        return
+    os.makedirs(os.path.dirname(TABLE), exist_ok=True)
+    lines = ['# Faults tried and what happened', '',
+             'Written by `tests/test_faults.py` (`make faults`, also part of `make test`) from what each test '
+             'observed on its last run. Every row is a fault injected into the real scripts on the tiny '
+             'synthetic set.', '', '| category | fault | step | observed outcome |', '|---|---|---|---|']
+    lines += [f'| {c} | {f} | {s} | {o} |' for c, f, s, o in RESULTS]
+    with open(TABLE, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def run(script, *args, cwd=None, limit_bytes=None, timeout=300):
+    """Run a pipeline script; with limit_bytes, under a file-size limit (a disk that fills up)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=limit if limit_bytes else None)
+
+
+def start(script, *args, cwd=None):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def error_line(result):
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith('error:')]
+    return lines[-1] if lines else (result.stderr.strip().splitlines() or ['(nothing on stderr)'])[-1]
+
+
+def files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def whole_files(folder):
+    return [f for f in files(folder) if not os.path.basename(f).startswith('.')]
+
+
+def kill_when(proc, condition, extra_delay, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.02)
+    time.sleep(extra_delay)
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return not finished
+
+
+RNG = np.random.RandomState(int(os.environ.get('FAULT_SEED', '12345')))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kills
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('attempt', [0, 1])
+def test_kill_extraction(attempt, tiny_ucf, tiny_model, extracted, tmp_path):
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    threshold = int(RNG.randint(5, 80))
+    proc = start('saveFeatures_1024.py', *args)
+    features = tmp_path / 'UCF-101_features'
+    killed = kill_when(proc, lambda: features.exists() and len(files(features)) >= threshold, RNG.uniform(0, 0.3))
+    before = whole_files(features) if features.exists() else []
+    for name in before:
+        np.load(features / name)  # every file under its final name is whole
+    result = run('saveFeatures_1024.py', *args)
+    assert result.returncode == 0, result.stderr
+    for folder in ('UCF-101_features', 'UCF-101_framePrediction'):
+        assert whole_files(tmp_path / folder) == whole_files(os.path.join(extracted, folder))
+        for name in whole_files(tmp_path / folder):
+            assert np.array_equal(np.load(tmp_path / folder / name), np.load(os.path.join(extracted, folder, name)))
+    record('kill -9', f'extraction shard killed after {len(before)} of 100 clips', 'saveFeatures_1024.py',
+           f'{"killed mid-run" if killed else "finished before the kill"}; all {len(before)} files whole; rerun: '
+           f'{result.stderr.strip().splitlines()[-1]}; outputs equal to an uninterrupted run')
+
+
+def test_kill_fine_tuning(tiny_ucf, small_vgg, tmp_path):
+    root, _ = tiny_ucf
+    args = ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist'),
+            '--vgg', small_vgg, '--out', str(tmp_path), '--model-out', str(tmp_path / 'VGG_1024.model'),
+            '--feature-size', '8', '--batchsize', '15', '--epoch', '4', '--snapshot-interval', '3',
+            '--loaderjob', '0', '--log-interval', '5']
+    proc = start('frameBasedTrain.py', *args)
+    killed = kill_when(proc, lambda: any(p.startswith('snapshot') for p in os.listdir(tmp_path)),
+                       RNG.uniform(0, 1.0))
+    snapshots = sorted(p for p in os.listdir(tmp_path) if p.startswith('snapshot_iter_'))
+    assert not (tmp_path / 'VGG_1024.model').exists() or not killed
+    result = run('frameBasedTrain.py', *args, '--resume', 'auto')
+    assert result.returncode == 0, result.stderr
+    resumed = [l for l in result.stderr.splitlines() if l.startswith('resumed from')]
+    assert resumed and (tmp_path / 'VGG_1024.model').exists()
+    import VGGNet_1024
+    VGGNet_1024.load_model(str(tmp_path / 'VGG_1024.model'))
+    record('kill -9', f'fine-tuning killed after snapshot {snapshots[-1] if snapshots else "-"}', 'frameBasedTrain.py',
+           f'rerun with --resume auto: "{resumed[0]}"; completed all 4 epochs; VGG_1024.model loads')
+
+
+@pytest.fixture(scope='module')
+def reference_packed(tiny_ucf, extracted, tmp_path_factory):
+    out = tmp_path_factory.mktemp('reference')
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, extracted, out))
+    assert result.returncode == 0, result.stderr
+    result = run('normalizeData.py', *norm_args(out, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def pack_args(tiny_ucf, work, out):
+    root, _ = tiny_ucf
+    return ['--lists', os.path.join(root, 'ucfTrainTestlist'),
+            '--features-dir', os.path.join(work, 'UCF-101_features'),
+            '--predictions-dir', os.path.join(work, 'UCF-101_framePrediction'),
+            '--log-dir', os.path.join(work, 'extraction_logs'), '--out-dir', str(out)]
+
+
+def norm_args(packed, out):
+    return ['--train', str(packed / 'train1024.hdf5'), '--test', str(packed / 'test1024.hdf5'),
+            '--train-out', str(out / 'train1024_norm.hdf5'), '--test-out', str(out / 'test1024_norm.hdf5'),
+            '--stats', str(out / 'feature_stats1024.npz')]
+
+
+def same_hdf5(a, b):
+    with h5py.File(a, 'r') as f, h5py.File(b, 'r') as g:
+        names = [n.decode() for n in f['_index/clips'][()]]
+        return (names == [n.decode() for n in g['_index/clips'][()]]
+                and all(np.array_equal(f[n][()], g[n][()]) for n in names)
+                and dict(f.attrs) == dict(g.attrs))
+
+
+@pytest.mark.parametrize('script', ['save_hdf5.py', 'normalizeData.py'])
+def test_kill_packing_and_normalization(script, tiny_ucf, extracted, reference_packed, tmp_path):
+    args = pack_args(tiny_ucf, extracted, tmp_path) if script == 'save_hdf5.py' else norm_args(reference_packed,
+                                                                                               tmp_path)
+    outputs = (['train1024.hdf5', 'test1024.hdf5', 'testPredictions1024.hdf5'] if script == 'save_hdf5.py'
+               else ['train1024_norm.hdf5', 'test1024_norm.hdf5'])
+    delay = RNG.uniform(0.3, 1.2)  # start-up takes most of it: the tiny set packs in a fraction of a second
+    proc = start(script, *args)
+    killed = kill_when(proc, lambda: False, 0, timeout=delay)
+    present = [o for o in outputs if (tmp_path / o).exists()]
+    for name in present:  # a final name only ever holds a complete file
+        assert same_hdf5(tmp_path / name, reference_packed / name)
+    result = run(script, *args)
+    assert result.returncode == 0, result.stderr
+    for name in outputs:
+        assert same_hdf5(tmp_path / name, reference_packed / name)
+    assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+    record('kill -9', f'killed {delay:.2f}s after start', script,
+           f'{"killed mid-run" if killed else "finished first"}; final files present then: {len(present)} of '
+           f'{len(outputs)}, each complete; rerun: identical to an uninterrupted run, no temporary file left')
+
+
+def test_kill_lstm_training(reference_packed, tmp_path):
+    args = ['--train', str(reference_packed / 'train1024_norm.hdf5'),
+            '--test', str(reference_packed / 'test1024_norm.hdf5'), '--out', str(tmp_path),
+            '--model-out', str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'lstm_results.npz'),
+            '--hidden', '8', '--fc', '8', '--seqlen', '12', '--bptt', '4', '--epoch', '6', '--batchsize', '10']
+    proc = start('rnn.py', *args)
+    killed = kill_when(proc, lambda: any(p.startswith('snapshot') for p in os.listdir(tmp_path)),
+                       RNG.uniform(0, 0.5))
+    result = run('rnn.py', *args, '--resume', 'auto')
+    assert result.returncode == 0, result.stderr
+    resumed = [l for l in result.stderr.splitlines() if l.startswith('resumed from')]
+    assert resumed and 'epoch 6 test [full]' in result.stdout
+    assert (tmp_path / 'lstm_results.npz').exists() and (tmp_path / 'rnn.model').exists()
+    record('kill -9', 'LSTM training killed after its first snapshot', 'rnn.py',
+           f'{"killed mid-run" if killed else "finished first"}; rerun with --resume auto: "{resumed[0]}"; '
+           'completed 6 epochs, results written')
+
+
+def test_two_writers_on_one_shard(tiny_ucf, tiny_model, extracted, tmp_path):
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'saveFeatures_1024.py'), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    for folder in ('UCF-101_features', 'UCF-101_framePrediction'):
+        assert whole_files(tmp_path / folder) == whole_files(os.path.join(extracted, folder))
+        for name in whole_files(tmp_path / folder):
+            assert np.array_equal(np.load(tmp_path / folder / name), np.load(os.path.join(extracted, folder, name)))
+    record('two writers', 'two extraction jobs on the same shard at once', 'saveFeatures_1024.py',
+           'both exit 0; every file whole and equal to a single run (each file is renamed into place whole)')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad clips
+# ----------------------------------------------------------------------------------------------------------
+
+def encode(path, frames, fps=25.0, codec='libxvid', pix_fmt='yuv420p'):
+    import imageio_ffmpeg
+    h, w = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec=codec, pix_fmt_out=pix_fmt, quality=None,
+                                         macro_block_size=1, ffmpeg_log_level='error')
+    writer.send(None)
+    for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    writer.close()
+
+
+def lie_about_length(path, factor=10):
+    """Multiply the frame count in the AVI's main and stream headers: a file that claims far more than it has."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b'avih')
+    struct.pack_into('<I', data, at + 8 + 16, struct.unpack_from('<I', data, at + 8 + 16)[0] * factor)
+    at = data.find(b'strh')
+    struct.pack_into('<I', data, at + 8 + 32, struct.unpack_from('<I', data, at + 8 + 32)[0] * factor)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope='module')
+def bad_clips(tiny_ucf, tmp_path_factory):
+    """A copy of the tiny set in which some listed clips are replaced by faulty files: {clip: fault}."""
+    root, written = tiny_ucf
+    data = tmp_path_factory.mktemp('bad') / 'UCF-101'
+    shutil.copytree(os.path.join(root, 'UCF-101'), data)
+    victims = iter(sorted(written)[1::7])
+    rng = np.random.RandomState(0)
+    faults = {}
+
+    def victim(fault):
+        rel = next(victims)
+        faults[rel] = fault
+        return data / rel
+
+    path = victim('truncated to 60% (a broken download)')
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * 0.6)])
+    victim('zero bytes').write_bytes(b'')
+    victim('random bytes named .avi').write_bytes(rng.bytes(20000))
+    path = victim('one frame')
+    encode(path, read_frames(path)[:1])
+    path = victim('600 frames, far longer than the rest')
+    encode(path, np.concatenate([read_frames(path)] * (600 // 12 + 1))[:600])
+    path = victim('96x72 instead of 64x48')
+    frames = synthetic_ucf101.render_clip('x', 0, 1, 2, 20, 96, 72, rng)
+    encode(path, frames)
+    path = victim('grayscale, FFV1 codec')
+    gray = read_frames(path).mean(axis=3, keepdims=True).astype(np.uint8).repeat(3, axis=3)
+    encode(path, gray, codec='ffv1', pix_fmt='gray')
+    path = victim('odd size 63x47, MJPEG codec')
+    encode(path, synthetic_ucf101.render_clip('x', 0, 1, 2, 15, 63, 47, rng), codec='mjpeg', pix_fmt='yuvj444p')
+    path = victim('header claims 10x the frames it has')
+    lie_about_length(path)
+    path = victim('29.97 fps, H.264 codec')
+    encode(path, read_frames(path), fps=29.97, codec='libx264')
+    return str(data), faults
+
+
+def test_bad_clips_in_extraction(bad_clips, tiny_ucf, tiny_model, tmp_path):
+    data, faults = bad_clips
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    args[1] = data
+    result = run('saveFeatures_1024.py', *args)
+    assert result.returncode == 0, result.stderr
+    summary_line = result.stderr.strip().splitlines()[-1]
+    with open(tmp_path / 'extraction_logs' / 'failures_shard_00_of_01.tsv', newline='') as f:
+        failures = {r['clip']: r for r in csv.DictReader(f, delimiter='\t')}
+    for rel, fault in faults.items():
+        feature = tmp_path / 'UCF-101_features' / (clip_stem(rel) + '.npy')
+        if rel in failures:
+            row = failures[rel]
+            outcome = (f'{row["status"]}: {row["reason"]} (read {row["frames_read"]} of {row["frames_claimed"]})'
+                       + (f'; {np.load(feature).shape[0]} frames kept' if feature.exists() else '; no file'))
+            assert feature.exists() == (row['status'] == 'kept-partial')
+        else:
+            assert feature.exists(), f'{rel} ({fault}) neither extracted nor reported'
+            decoded = len(read_frames(os.path.join(data, rel)))
+            assert np.load(feature).shape == (decoded, 16)
+            outcome = f'processed: {decoded} frames extracted'
+        record('bad clip', fault, 'saveFeatures_1024.py', outcome)
+    assert {'zero bytes', 'random bytes named .avi'} <= {faults[c] for c in failures}
+    assert 'header claims 10x the frames it has' in {faults[c] for c in failures}
+    counts = re.search(r'(\d+) clips complete, (\d+) kept partial, (\d+) skipped', summary_line).groups()
+    assert sum(map(int, counts)) == 100, summary_line
+    record('bad clip', 'all of the above in one shard', 'saveFeatures_1024.py', f'shard went on: "{summary_line}"')
+
+    # Packing goes on without the skipped clips only when told to, and the accuracy states what it scored.
+    packed = tmp_path / 'packed'
+    root, _ = tiny_ucf
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(tmp_path), packed))
+    assert result.returncode == 1 and not packed.exists() or not list(packed.glob('*.hdf5'))
+    record('bad clip', 'skipped clips missing at packing', 'save_hdf5.py',
+           f'exit {result.returncode}: {result.stderr.strip().splitlines()[0]} (lists them with the reason)')
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(tmp_path), packed), '--skip-missing')
+    assert result.returncode == 0, result.stderr
+    result = run('singleFrameAccuracy.py', '--predictions', str(packed / 'testPredictions1024.hdf5'),
+                 '--results', str(packed / 'r.npz'), '--out', str(packed))
+    scored = [l for l in result.stdout.splitlines() if 'clips scored' in l][0]
+    test_clips = {c.path for c in read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'test')}
+    n_test = len(test_clips)
+    skipped = sum(1 for c, r in failures.items() if r['status'] == 'skipped' and c in test_clips)
+    assert int(scored.split()[2]) == n_test - skipped
+    record('bad clip', 'accuracy after packing with --skip-missing', 'singleFrameAccuracy.py',
+           f'"{scored}" (of {n_test} listed)')
+
+
+def test_bad_clip_in_fine_tuning(bad_clips, tiny_ucf, capsys):
+    import frameBasedTrain
+    data, faults = bad_clips
+    root, _ = tiny_ucf
+    clips = read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'train') + read_split(
+        os.path.join(root, 'ucfTrainTestlist'), 1, 'test')
+    dataset = frameBasedTrain.RandomFrameDataset(data, clips, 32)
+    zero = [i for i, c in enumerate(clips) if faults.get(c.path) == 'zero bytes'][0]
+    x, label = dataset.get_example(zero)
+    assert x.shape == (3, 32, 32) and label == clips[zero].label
+    warning = [l for l in capsys.readouterr().err.splitlines() if 'skipping unreadable clip' in l][0]
+    record('bad clip', 'zero-byte clip drawn for a training batch', 'frameBasedTrain.py',
+           f'"{warning}"; a frame of another clip of the same class is used')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad lists, paths and model files: one line naming the file and the fix, non-zero exit, nothing overwritten
+# ----------------------------------------------------------------------------------------------------------
+
+def copy_lists(tiny_ucf, tmp_path):
+    root, _ = tiny_ucf
+    lists = tmp_path / 'lists'
+    shutil.copytree(os.path.join(root, 'ucfTrainTestlist'), lists)
+    return lists
+
+
+def edit(path, old, new):
+    text = path.read_bytes()
+    assert old in text
+    path.write_bytes(text.replace(old, new, 1))
+
+
+def bad_input_cases(tiny_ucf, small_vgg, tmp_path):
+    root, _ = tiny_ucf
+    data = os.path.join(root, 'UCF-101')
+    cases = []
+    lists = copy_lists(tiny_ucf, tmp_path / 'malformed')
+    edit(lists / 'trainlist01.txt', b'.avi 1\r\n', b'.avi\r\n')
+    cases.append(('malformed split line (label missing)', 'trainlist01.txt:', lists, data, small_vgg))
+    lists = copy_lists(tiny_ucf, tmp_path / 'unknown')
+    edit(lists / 'trainlist01.txt', b'Archery/v_Archery', b'Archer/v_Archer')
+    cases.append(('unknown class in a split file', "class folder 'Archer'", lists, data, small_vgg))
+    lists = copy_lists(tiny_ucf, tmp_path / 'nosplit')
+    os.unlink(lists / 'trainlist01.txt')
+    cases.append(('missing split file', 'trainlist01.txt: split file not found', lists, data, small_vgg))
+    cases.append(('wrong data root', 'data folder not found', os.path.join(root, 'ucfTrainTestlist'),
+                  str(tmp_path / 'nowhere'), small_vgg))
+    cases.append(('missing VGG.model', 'VGG16 weights not found', os.path.join(root, 'ucfTrainTestlist'), data,
+                  str(tmp_path / 'VGG.model')))
+    (tmp_path / 'garbage.model').write_bytes(b'\x00' * 100)
+    cases.append(('VGG.model not an npz', 'not a readable npz', os.path.join(root, 'ucfTrainTestlist'), data,
+                  str(tmp_path / 'garbage.model')))
+    import VGGNet
+    other = str(tmp_path / 'VGG64.model')
+    VGGNet.save_model(VGGNet.VGGNet(64, (4, 4, 8, 8, 8), 32), other, 'test')
+    cases.append(('VGG.model of another input size', 'its fc6 is for 64x64 inputs', os.path.join(
+        root, 'ucfTrainTestlist'), data, other, '--insize', '32'))
+    return cases
+
+
+def test_bad_lists_paths_and_models(tiny_ucf, small_vgg, tmp_path):
+    for fault, expected, lists, data, vgg, *extra in bad_input_cases(tiny_ucf, small_vgg, tmp_path):
+        out = tmp_path / 'out'
+        out.mkdir(exist_ok=True)
+        (out / 'VGG_1024.model').write_bytes(b'previous result')
+        result = run('frameBasedTrain.py', '--data', str(data), '--lists', str(lists), '--vgg', vgg, '--out',
+                     str(out), '--model-out', str(out / 'VGG_1024.model'), '--loaderjob', '0', *extra)
+        line = error_line(result)
+        assert result.returncode == 1 and expected in line and line.startswith('error:'), (fault, result.stderr)
+        assert len([l for l in result.stderr.splitlines() if l.startswith(('error', 'Traceback'))]) == 1
+        assert (out / 'VGG_1024.model').read_bytes() == b'previous result'
+        record('bad input', fault, 'frameBasedTrain.py', f'exit 1: {line}; nothing overwritten')
+
+
+def test_hdf5_of_another_split(reference_packed, tmp_path):
+    other = tmp_path / 'test_split2.hdf5'
+    shutil.copy(reference_packed / 'test1024.hdf5', other)
+    with h5py.File(other, 'a') as f:
+        f.attrs['split'] = 2
+    (tmp_path / 'train1024_norm.hdf5').write_bytes(b'previous result')
+    args = norm_args(reference_packed, tmp_path)
+    args[3] = str(other)
+    result = run('normalizeData.py', *args)
+    line = error_line(result)
+    assert result.returncode == 1 and 'holds split 2, not 1' in line
+    assert (tmp_path / 'train1024_norm.hdf5').read_bytes() == b'previous result'
+    record('bad input', 'test HDF5 from another split', 'normalizeData.py', f'exit 1: {line}; nothing overwritten')
+    result = run('rnn.py', '--train', str(reference_packed / 'train1024_norm.hdf5'), '--test', str(other),
+                 '--out', str(tmp_path / 'r'), '--epoch', '1')
+    line = error_line(result)
+    assert result.returncode == 1 and 'holds split 2, not 1' in line
+    record('bad input', 'test HDF5 from another split', 'rnn.py', f'exit 1: {line}')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------------------
+
+def test_constant_and_non_finite_features(reference_packed, tmp_path):
+    from save_hdf5 import read_clip, read_hdf5_header, write_packed
+    source = reference_packed / 'train1024.hdf5'
+    header = read_hdf5_header(str(source))
+    poisoned = header['clips'][:2]
+
+    def items():
+        with h5py.File(source, 'r') as f:
+            for i, name in enumerate(header['clips']):
+                x, label = read_clip(f, name)
+                x[:, 3] = 7.0  # a dimension that never varies
+                if name == poisoned[0]:
+                    x[0, 0] = np.nan
+                if name == poisoned[1]:
+                    x[-1, 5] = np.inf
+                yield name, label, x
+    bad = tmp_path / 'train1024.hdf5'
+    write_packed(str(bad), items(), len(header['clips']), header['classes'], split=1, subset='train',
+                 kind='features')
+    args = norm_args(reference_packed, tmp_path)
+    args[1] = str(bad)
+    result = run('normalizeData.py', *args)
+    assert result.returncode == 0, result.stderr
+    warnings = [l for l in result.stderr.splitlines() if l.startswith('warning')]
+    assert any('never vary' in w for w in warnings) and sum('NaN or inf' in w for w in warnings) == 2
+    with h5py.File(tmp_path / 'train1024_norm.hdf5', 'r') as f:
+        names = [n.decode() for n in f['_index/clips'][()]]
+        assert not set(poisoned) & set(names) and len(names) == len(header['clips']) - 2
+        assert all(np.isfinite(f[n][()]).all() for n in names)
+        assert all(np.all(f[n][()][:, 3] == 0) for n in names)
+    record('numbers', 'a feature dimension constant over all training frames', 'normalizeData.py',
+           f'"{[w for w in warnings if "never vary" in w][0]}"; std set to 1, values 0, no NaN')
+    record('numbers', 'NaN in one clip, inf in another', 'normalizeData.py',
+           f'both reported ("{[w for w in warnings if "NaN" in w][0][:90]}..."), left out of the statistics and '
+           'the output; every value written is finite')
+    # And a NaN that reaches the LSTM's input anyway (a hand-made file) stops it with the clip's name.
+    result = run('rnn.py', '--train', str(bad), '--test', str(reference_packed / 'test1024_norm.hdf5'),
+                 '--out', str(tmp_path / 'r'), '--epoch', '1', '--in-memory')
+    line = error_line(result)
+    assert result.returncode == 1 and 'NaN or inf' in line
+    record('numbers', 'NaN in the features given to the LSTM', 'rnn.py', f'exit 1: {line}')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Disk full and unwritable output
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('script', ['save_hdf5.py', 'normalizeData.py'])
+def test_disk_full(script, tiny_ucf, extracted, reference_packed, tmp_path):
+    args = pack_args(tiny_ucf, extracted, tmp_path) if script == 'save_hdf5.py' else norm_args(reference_packed,
+                                                                                               tmp_path)
+    result = run(script, *args, limit_bytes=64 * 1024)
+    line = error_line(result)
+    assert result.returncode == 1 and line.startswith('error:') and 'ulimit -f' in line, result.stderr
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.hdf5')], os.listdir(tmp_path)
+    record('disk full', 'files limited to 64 KiB (RLIMIT_FSIZE), known before writing', script,
+           f'exit 1: {line[:160]}...; nothing written')
+
+
+def test_disk_fills_during_hdf5_write(tiny_ucf, extracted, tmp_path):
+    """The space check passes but the disk fills half-way: HDF5 itself then crashes its process."""
+    import helperFunctions
+    import save_hdf5
+    helperFunctions_ensure = save_hdf5.ensure_space
+    save_hdf5.ensure_space = lambda path, needed: None  # as if another job took the space after the check
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+        with pytest.raises(SystemExit) as exit_info:
+            save_hdf5.main(pack_args(tiny_ucf, extracted, tmp_path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+        save_hdf5.ensure_space = helperFunctions_ensure
+    line = str(exit_info.value)
+    assert line.startswith('error:') and 'train1024.hdf5' in line and 'disk may be full' in line, line
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)  # neither a final file nor the temporary one
+    assert helperFunctions.exit_on_user_error
+    record('disk full', 'disk fills up half-way through an HDF5 file (HDF5 crashes)', 'save_hdf5.py',
+           f'the writer runs in a child process: exit 1: {line[:150]}...; no file left')
+
+
+def test_unwritable_output(tiny_ucf, extracted, tmp_path):
+    (tmp_path / 'afile').write_text('not a folder')
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, extracted, tmp_path / 'afile' / 'out'))
+    line = error_line(result)
+    assert result.returncode == 1 and line.startswith('error:') and 'afile' in line
+    record('disk full', 'output folder cannot be created (a file is in the way)', 'save_hdf5.py',
+           f'exit 1: {line[:160]}...')
+
+
+def test_extraction_disk_full(tiny_ucf, tiny_model, tmp_path):
+    args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+    result = run('saveFeatures_1024.py', *args, limit_bytes=1500)
+    line = error_line(result)
+    assert result.returncode == 1 and 'File too large' in line, result.stderr
+    leftovers = [f for f in files(tmp_path / 'UCF-101_features')] if (tmp_path / 'UCF-101_features').exists() else []
+    assert all(os.path.basename(f).startswith('.') is False for f in leftovers)
+    for name in leftovers:
+        np.load(tmp_path / 'UCF-101_features' / name)
+    record('disk full', 'files limited to 1,500 bytes during extraction', 'saveFeatures_1024.py',
+           f'exit 1: {line[:140]}...; {len(leftovers)} whole files kept, no partial one; a rerun resumes')
