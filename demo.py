@@ -4,7 +4,7 @@
 
 What differs from a real run, to finish in a few minutes on 2 CPU cores: 8 classes instead of 101 (4 recognisable
 from one frame, 2 pairs that differ only in motion), 160x120 clips of 30-80 frames, a randomly initialised
-VGG16-shaped network (narrow, 32x32 inputs; no ImageNet weights can be downloaded here), a 64-d fc7 instead of
+VGG16-shaped network (narrow, 32x32 inputs; no ImageNet weights can be downloaded here), a 128-d fc7 instead of
 1024, and a shorter LSTM schedule. Every script, file format and step is the real one.
 """
 import argparse
@@ -38,12 +38,12 @@ def main(argv=None):
     started, times = time.time(), {}
     times['dataset'] = step('Synthetic UCF-101 (UCF-101/, ucfTrainTestlist/)', 'synthetic_ucf101.py', '--out', '.',
                             '--classes', '8', '--width', '160', '--height', '120', '--frames', '30', '80',
-                            '--clips-per-group', '1', '1', '--jobs', j, cwd=work)
+                            '--clips-per-group', '2', '2', '--jobs', j, cwd=work)
     times['vgg'] = step('A randomly initialised VGG.model (demo only)', 'VGGNet.py', '--random', '--insize', '32',
                         '--widths', '16', '32', '64', '128', '128', '--fc-size', '256', cwd=work)
     times['finetune'] = step('Part 1: fine-tune on random frames (frameBasedTrain.py)', 'frameBasedTrain.py',
                              '--epoch', '30', '--batchsize', '16', '--lr', '0.003', '--dropout', '0.2',
-                             '--feature-size', '64', '--log-interval', '50', '--loaderjob', '0', '--cache-mb', '2000',
+                             '--feature-size', '128', '--log-interval', '50', '--loaderjob', '0', '--cache-mb', '3000',
                              '--test-eval', cwd=work)
     times['extract'] = step('Part 2: extract features, 3 shards run locally (saveFeatures.sh)', 'generate_pbs.py',
                             '--scheduler', 'local', '--num-shards', '3', '--', '--batchsize', '64', cwd=work)
@@ -51,9 +51,9 @@ def main(argv=None):
     times['normalize'] = step('Part 2: normalise (normalizeData.py)', 'normalizeData.py', cwd=work)
     times['single'] = step('Part 2: single-frame accuracy (singleFrameAccuracy.py)', 'singleFrameAccuracy.py',
                            cwd=work)
-    times['lstm'] = step('Part 3: LSTM (rnn.py)', 'rnn.py', '--epoch', '25', '--seqlen', '32', '--bptt', '8',
-                         '--hidden', '128', '--fc', '128', '--batchsize', '16', '--in-memory', '--inference',
-                         'full', 'segments', 'last', cwd=work)
+    times['lstm'] = step('Part 3: LSTM (rnn.py)', 'rnn.py', '--epoch', '30', '--seqlen', '32', '--bptt', '8',
+                         '--hidden', '128', '--fc', '128', '--batchsize', '16', '--dropout', '0.3', '--in-memory',
+                         '--inference', 'full', 'segments', 'last', cwd=work)
     times['report'] = step('Part 3: comparison report (confusion.py)', 'confusion.py', '--top', '5', cwd=work)
     summarize(work, time.time() - started, times)
 

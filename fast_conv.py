@@ -3,9 +3,8 @@
 Chainer's CPU convolution copies every input pixel nine times into an im2col matrix (about 880 MiB for one VGG16
 layer at batch 8) and spends its time moving memory. Here the input is zero-padded once and laid out channel by
 channel as one long row per channel, images side by side; a shift of the 3x3 window is then just an offset into
-that row, so the convolution is nine matrix products (weights of one tap, out x in) x (in x positions) over
-shifted views of the same buffer, accumulated over blocks of positions small enough to stay in cache. Each output
-row computed this way has two extra columns (the padding) that are dropped.
+that row. Block by block of positions, the nine shifted views are stacked and multiplied by all the weights in
+one matrix product. Each output row computed this way has two extra columns (the padding) that are dropped.
 
 The function is the same as F.convolution_2d(x, W, b, pad=1) up to float32 rounding (tests compare them), and
 differentiable (the gradients use the same layout). Arrays on a GPU go to Chainer's own (cuDNN) convolution.
@@ -14,7 +13,7 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-BLOCK_BYTES = 1 << 19  # output block kept in cache across the nine products
+BLOCK_BYTES = 8 << 20  # size of one block of stacked shifted views
 
 
 def _padded_rows(x):
@@ -27,19 +26,26 @@ def _padded_rows(x):
 
 
 def _correlate(rows, weights, n, h, w):
-    """Nine shifted products: rows (C, N*(H+3)*(W+2)), weights (O, C, 3, 3) -> (O, N*(H+3)*(W+2)) where position
-    p holds the output whose window starts at p (valid for the first H rows and W columns of each image)."""
-    out_channels = weights.shape[0]
+    """rows (C, N*(H+3)*(W+2)), weights (O, C, 3, 3) -> (O, N*(H+3)*(W+2)) where position p holds the output
+    whose window starts at p (valid for the first H rows and W columns of each image; the rest is not defined).
+
+    Block by block of positions, the nine shifted views are stacked into a (9C x block) matrix and multiplied
+    by the (O x 9C) weights in one product: a long inner dimension keeps the matrix multiply near its peak,
+    and the block keeps the stacked copy small (the stock im2col copies the whole batch at once)."""
+    out_channels, channels = weights.shape[:2]
     stride = w + 2
-    taps = [(np.ascontiguousarray(weights[:, :, i, j]), i * stride + j) for i in range(3) for j in range(3)]
+    offsets = [i * stride + j for i in range(3) for j in range(3)]
+    taps = np.ascontiguousarray(weights.transpose(0, 2, 3, 1).reshape(out_channels, 9 * channels))
     total = rows.shape[1] - (2 * stride + 2)  # the last offset must stay inside the buffer
-    out = np.zeros((out_channels, rows.shape[1]), rows.dtype)
-    block = max(256, BLOCK_BYTES // (4 * out_channels))
+    out = np.empty((out_channels, rows.shape[1]), rows.dtype)
+    block = max(256, BLOCK_BYTES // (36 * channels))
+    stacked = np.empty((9, channels, block), rows.dtype)
     for start in range(0, total, block):
         end = min(start + block, total)
-        target = out[:, start:end]
-        for tap, offset in taps:
-            target += tap @ rows[:, start + offset:end + offset]
+        size = end - start
+        for tap, offset in enumerate(offsets):
+            stacked[tap, :, :size] = rows[:, start + offset:end + offset]
+        np.matmul(taps, stacked[:, :, :size].reshape(9 * channels, size), out=out[:, start:end])
     return out
 
 

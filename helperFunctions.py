@@ -318,14 +318,20 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, remove_stale=False):
     """Yield a temporary name in the same folder; on success it is renamed to `path` in one step.
 
-    A job killed mid-write leaves only a '.tmp' file that no later step reads as complete.
+    A job killed mid-write leaves only a hidden '.tmp' file that no later step reads as complete. With
+    remove_stale (for outputs that have one writer at a time), such leftovers of `path` are deleted first.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
+    if remove_stale:
+        for name in os.listdir(folder):
+            if name.startswith(f'.{base}.') and name.endswith(f'.tmp{ext}'):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
     fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix=f'.tmp{ext}', dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any other file

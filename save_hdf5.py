@@ -61,7 +61,7 @@ def write_packed(out_path, items, total, classes, **attrs):
 
     Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
     """
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, remove_stale=True) as tmp:
         return run_isolated(_write_hdf5, tmp, items, total, classes, attrs, os.path.basename(out_path))
 
 

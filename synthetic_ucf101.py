@@ -187,3 +187,32 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+
+
+def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), frames=(29, 900), dim=1024,
+                        seed=0, mean_frames=186):
+    """Lists plus per-clip feature and prediction .npy files as saveFeatures_1024.py writes them, without videos:
+    for testing and benchmarking the packing and normalisation at full UCF-101 scale (13,320 clips at the
+    defaults, about 2.5 million frames). Frame counts follow a log-normal around `mean_frames`."""
+    rng = np.random.default_rng(seed)
+    classes = [f'Class{i:03d}' for i in range(n_classes)]
+    clips = []
+    for label, name in enumerate(classes):
+        for group in range(1, groups + 1):
+            for c in range(1, rng.integers(clips_per_group[0], clips_per_group[1] + 1) + 1):
+                clips.append((f'{name}/v_{name}_g{group:02d}_c{c:02d}.avi', label, group))
+    write_lists(os.path.join(out, 'ucfTrainTestlist'), classes, clips)
+    lengths = np.clip(rng.lognormal(np.log(mean_frames) - 0.18, 0.6, len(clips)), *frames).astype(int)
+    total = 0
+    for (rel, label, _), n in zip(clips, lengths):
+        stem = os.path.splitext(rel)[0] + '.npy'
+        feature = rng.standard_normal((n, dim), dtype=np.float32)
+        feature[:, label % dim] += 2.0
+        prediction = np.full((n, n_classes), 0.5 / n_classes, np.float32)
+        prediction[:, label] += 0.5
+        for folder, array in (('UCF-101_features', feature), ('UCF-101_framePrediction', prediction)):
+            path = os.path.join(out, folder, stem)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, array)
+        total += n
+    return len(clips), total

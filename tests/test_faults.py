@@ -165,26 +165,39 @@ def same_hdf5(a, b):
                 and dict(f.attrs) == dict(g.attrs))
 
 
+@pytest.fixture(scope='module')
+def many_features(tmp_path_factory):
+    """Extraction outputs (no videos) for 3,000-odd clips, so that packing runs long enough to be killed in."""
+    work = tmp_path_factory.mktemp('many')
+    synthetic_ucf101.write_fake_features(str(work), n_classes=25, dim=64, frames=(10, 400), mean_frames=120)
+    reference = work / 'reference'
+    args = ['--lists', str(work / 'ucfTrainTestlist'), '--features-dir', str(work / 'UCF-101_features'),
+            '--predictions-dir', str(work / 'UCF-101_framePrediction'), '--log-dir', str(work / 'logs')]
+    assert run('save_hdf5.py', *args, '--out-dir', str(reference)).returncode == 0
+    assert run('normalizeData.py', *norm_args(reference, reference)).returncode == 0
+    return args, reference
+
+
 @pytest.mark.parametrize('script', ['save_hdf5.py', 'normalizeData.py'])
-def test_kill_packing_and_normalization(script, tiny_ucf, extracted, reference_packed, tmp_path):
-    args = pack_args(tiny_ucf, extracted, tmp_path) if script == 'save_hdf5.py' else norm_args(reference_packed,
-                                                                                               tmp_path)
+def test_kill_packing_and_normalization(script, many_features, tmp_path):
+    pack, reference = many_features
+    args = pack + ['--out-dir', str(tmp_path)] if script == 'save_hdf5.py' else norm_args(reference, tmp_path)
     outputs = (['train1024.hdf5', 'test1024.hdf5', 'testPredictions1024.hdf5'] if script == 'save_hdf5.py'
                else ['train1024_norm.hdf5', 'test1024_norm.hdf5'])
-    delay = RNG.uniform(0.3, 1.2)  # start-up takes most of it: the tiny set packs in a fraction of a second
     proc = start(script, *args)
-    killed = kill_when(proc, lambda: False, 0, timeout=delay)
+    # Kill once the first temporary file exists, plus a random moment: mid-write.
+    killed = kill_when(proc, lambda: any('.tmp' in f for f in os.listdir(tmp_path)), RNG.uniform(0, 0.5))
     present = [o for o in outputs if (tmp_path / o).exists()]
     for name in present:  # a final name only ever holds a complete file
-        assert same_hdf5(tmp_path / name, reference_packed / name)
+        assert same_hdf5(tmp_path / name, reference / name)
     result = run(script, *args)
     assert result.returncode == 0, result.stderr
     for name in outputs:
-        assert same_hdf5(tmp_path / name, reference_packed / name)
+        assert same_hdf5(tmp_path / name, reference / name)
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
-    record('kill -9', f'killed {delay:.2f}s after start', script,
-           f'{"killed mid-run" if killed else "finished first"}; final files present then: {len(present)} of '
-           f'{len(outputs)}, each complete; rerun: identical to an uninterrupted run, no temporary file left')
+    record('kill -9', f'killed while writing ({len(present)} of {len(outputs)} files complete by then)', script,
+           f'{"killed mid-run" if killed else "finished first"}; each final file present was complete; rerun: '
+           'identical to an uninterrupted run, and the killed run\'s temporary file removed')
 
 
 def test_kill_lstm_training(reference_packed, tmp_path):

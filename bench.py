@@ -1,0 +1,305 @@
+"""Benchmarks, measured side by side in one run on this machine; writes bench/results.md and bench/results.json.
+
+    make bench                      # everything (the full-scale packing writes ~25 GB under --work)
+    python bench.py --quick         # small packing scale, fewer repetitions
+
+Each figure comes with the reference it is compared to, measured in the same run (the machine may be shared and
+noisy, so only ratios taken together mean much):
+- VGG16 forward at 224x224 through the extraction path (VGGNet_1024.predict), stock Chainer and fast_conv, against
+  the float32 matrix-multiply rate measured now (VGG16 is ~30.9 GFLOP a frame, so that rate is a ceiling), and
+  against the same network in PyTorch when a PyTorch environment can be made (.venv-torch, never a project
+  dependency);
+- decoding + preprocessing frames/s against bare decoding (ffmpeg to raw video);
+- random training-frame samples/s (seek), and the extraction pipeline's frames/s against its slower stage;
+- LSTM training step at the handout's size (batch 32 x 120 frames x 1024 -> 512), Chainer and PyTorch;
+- packing and normalising 13,320 clips of generated features: time and peak memory.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VGG16_GFLOP = 30.94  # multiply-adds x 2 of one 224x224 frame through conv1_1 ... fc8
+TORCH_VENV = os.path.join(HERE, '.venv-torch')
+
+
+def best_time(function, repeat):
+    """Smallest wall time of `repeat` calls after one warm-up: the least disturbed by other load."""
+    function()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def sgemm_gflops(repeat):
+    a = np.random.rand(4096, 4096).astype(np.float32)
+    b = np.random.rand(4096, 4096).astype(np.float32)
+    return 2 * 4096 ** 3 / best_time(lambda: a @ b, repeat) / 1e9
+
+
+def vgg_fps(conv, batch, repeat):
+    import VGGNet_1024
+    np.random.seed(0)
+    model = VGGNet_1024.VGGNet_1024(101, 224, conv=conv)
+    x = np.random.RandomState(0).normal(0, 50, (batch, 3, 224, 224)).astype(np.float32)
+    return batch / best_time(lambda: model.predict(x), repeat)
+
+
+def torch_python():
+    """The interpreter of a PyTorch environment beside the project's, made on first use; None if impossible."""
+    python = os.path.join(TORCH_VENV, 'bin', 'python')
+    if not os.path.exists(python):
+        made = subprocess.run([sys.executable, '-m', 'venv', TORCH_VENV]).returncode == 0 and subprocess.run(
+            [python, '-m', 'pip', 'install', '-q', 'torch==2.13.0', 'numpy<2']).returncode == 0
+        if not made:
+            return None
+    ok = subprocess.run([python, '-c', 'import torch'], capture_output=True).returncode == 0
+    return python if ok else None
+
+
+TORCH_CODE = r'''
+import json, sys, time
+import torch, torch.nn as nn
+torch.manual_seed(0)
+repeat = int(sys.argv[1])
+def best(f):
+    f(); t = []
+    for _ in range(repeat):
+        s = time.perf_counter(); f(); t.append(time.perf_counter() - s)
+    return min(t)
+layers, c = [], 3
+for w, n in zip((64, 128, 256, 512, 512), (2, 2, 3, 3, 3)):
+    for _ in range(n):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True)]; c = w
+    layers.append(nn.MaxPool2d(2))
+vgg = nn.Sequential(*layers, nn.Flatten(), nn.Linear(25088, 4096), nn.ReLU(), nn.Linear(4096, 1024), nn.ReLU(),
+                    nn.Linear(1024, 101), nn.Softmax(dim=1)).eval()
+result = {'threads': torch.get_num_threads(), 'version': torch.__version__}
+with torch.no_grad():
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224) * 50
+        result[f'vgg_fps_b{batch}'] = batch / best(lambda: vgg(x))
+lstm, head = nn.LSTM(1024, 512, batch_first=True), nn.Sequential(nn.Linear(512, 512), nn.Sigmoid(), nn.Linear(512, 101))
+params = list(lstm.parameters()) + list(head.parameters())
+opt = torch.optim.Adam(params, 1e-3)
+x, t = torch.randn(32, 120, 1024), torch.randint(0, 101, (32,))
+def step():
+    state = None
+    for s in range(0, 120, 30):
+        out, state = lstm(x[:, s:s + 30], state)
+        state = tuple(v.detach() for v in state)
+        y = head(out.reshape(-1, 512))
+        loss = nn.functional.cross_entropy(y, t.repeat_interleave(30))
+        opt.zero_grad(); loss.backward(); opt.step()
+result['lstm_step_s'] = best(step)
+print(json.dumps(result))
+'''
+
+
+def torch_figures(repeat):
+    python = torch_python()
+    if not python:
+        return None
+    out = subprocess.run([python, '-c', TORCH_CODE, str(repeat)], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {'error': out.stderr.strip()[-300:]}
+
+
+def lstm_step_seconds(repeat):
+    import chainer
+    import rnn
+    np.random.seed(0)
+    model = rnn.RNN(1024, 512, 1, 512, 101)
+    optimizer = chainer.optimizers.Adam(1e-3)
+    optimizer.setup(model)
+    rng = np.random.RandomState(0)
+    data = [(rng.normal(size=(120, 1024)).astype(np.float32), np.int32(i % 101)) for i in range(32)]
+    iterator = chainer.iterators.SerialIterator(data, 32)
+    updater = rnn.BPTTUpdater(iterator, optimizer, chainer.get_device('@numpy'), 30)
+    reporter = chainer.Reporter()
+    reporter.add_observer('main', model)
+
+    def step():
+        with reporter.scope({}):
+            updater.update()
+    return best_time(step, repeat)
+
+
+def decoding_figures(folder, repeat):
+    """Bare ffmpeg decoding to raw RGB vs decoding + preprocess_frame(224), over the same clips."""
+    import helperFunctions as hf
+    clips = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith('.avi'))[:12]
+    frames = sum(hf.video_info(c).frames for c in clips)
+
+    def bare():
+        for c in clips:
+            subprocess.run([hf._ffmpeg(), '-v', 'error', '-nostdin', '-i', c, '-f', 'rawvideo', '-pix_fmt', 'rgb24',
+                            '-'], stdout=subprocess.DEVNULL, check=True)
+
+    def with_preprocessing():
+        for c in clips:
+            for frame in hf.iter_frames(c):
+                hf.preprocess_frame(frame, 224)
+    return frames / best_time(bare, repeat), frames / best_time(with_preprocessing, repeat)
+
+
+def sampling_rate(folder, lists, samples):
+    import frameBasedTrain
+    from helperFunctions import read_split
+    clips = read_split(lists, 1, 'train')
+    data = frameBasedTrain.RandomFrameDataset(folder, clips, 224)
+    rng = np.random.RandomState(0)
+    order = rng.randint(0, len(clips), samples)
+    start = time.perf_counter()
+    for i in order:
+        data.get_example(i)
+    cold = samples / (time.perf_counter() - start)  # each clip probed once (its header), then seeks
+    start = time.perf_counter()
+    for i in order:
+        data.get_example(i)
+    return cold, samples / (time.perf_counter() - start)
+
+
+def extraction_figures(work, conv):
+    """The real extraction script on the synthetic set with a 224x224 VGG16: its frames/s."""
+    import VGGNet
+    import VGGNet_1024
+    model_path = os.path.join(work, 'VGG_1024_224.model')
+    if not os.path.exists(model_path):
+        np.random.seed(0)
+        VGGNet.save_model(VGGNet_1024.VGGNet_1024(8), model_path, 'random-init(bench)')
+    out = os.path.join(work, f'extract_{conv}')
+    shutil.rmtree(out, ignore_errors=True)
+    import saveFeatures_1024
+    summary = saveFeatures_1024.main(['--data', os.path.join(work, 'UCF-101'), '--lists',
+                                      os.path.join(work, 'ucfTrainTestlist'), '--subsets', 'test', '--model',
+                                      model_path, '--features-dir', os.path.join(out, 'f'), '--predictions-dir',
+                                      os.path.join(out, 'p'), '--log-dir', os.path.join(out, 'logs'),
+                                      '--num-shards', '12', '--shard', '0', '--batchsize', '8', '--conv', conv])
+    return summary['frames_per_second']
+
+
+def packing_figures(work, clips_scale):
+    """save_hdf5.py and normalizeData.py on generated features: seconds and peak resident memory of each."""
+    import synthetic_ucf101
+    folder = os.path.join(work, 'packing')
+    shutil.rmtree(folder, ignore_errors=True)
+    kwargs = {} if clips_scale == 'full' else dict(n_classes=10)
+    start = time.perf_counter()
+    n_clips, n_frames = synthetic_ucf101.write_fake_features(folder, **kwargs)
+    generate = time.perf_counter() - start
+    figures = dict(clips=n_clips, frames=int(n_frames), generate_s=round(generate, 1))
+    for script, args in (('save_hdf5.py', []), ('normalizeData.py', [])):
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], cwd=folder,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise RuntimeError(f'{script} failed in {folder}')
+        figures[script] = dict(seconds=round(time.perf_counter() - start, 1), peak_mb=round(usage.ru_maxrss / 1024))
+    figures['hdf5_gb'] = round(sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                                   if f.endswith('.hdf5')) / 1e9, 2)
+    shutil.rmtree(folder, ignore_errors=True)
+    return figures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', '-o', default='bench')
+    p.add_argument('--work', default=None, help='scratch folder (default: a temporary one)')
+    p.add_argument('--quick', action='store_true', help='small packing scale and fewer repetitions')
+    p.add_argument('--no-torch', action='store_true', help='skip the PyTorch peer')
+    args = p.parse_args(argv)
+    repeat = 2 if args.quick else 3
+    work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
+    os.makedirs(args.out, exist_ok=True)
+    import synthetic_ucf101
+    if not os.path.isdir(os.path.join(work, 'UCF-101')):
+        synthetic_ucf101.make_dataset(work, n_classes=8, frames=(60, 200), clips_per_group=(1, 1))
+    r = {'machine': dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
+                         python=platform.python_version())}
+    print('matrix multiply ...', file=sys.stderr, flush=True)
+    r['sgemm_gflops'] = sgemm_gflops(repeat)
+    print('VGG16 forward ...', file=sys.stderr, flush=True)
+    for conv in ('stock', 'fast'):
+        for batch in (1, 8):
+            r[f'vgg_{conv}_fps_b{batch}'] = vgg_fps(conv, batch, repeat)
+    r['vgg_ceiling_fps'] = r['sgemm_gflops'] / VGG16_GFLOP
+    print('PyTorch peer ...', file=sys.stderr, flush=True)
+    r['torch'] = None if args.no_torch else torch_figures(repeat)
+    print('decoding ...', file=sys.stderr, flush=True)
+    r['decode_bare_fps'], r['decode_preprocess_fps'] = decoding_figures(os.path.join(work, 'UCF-101'), repeat)
+    r['sample_cold_per_s'], r['sample_warm_per_s'] = sampling_rate(
+        os.path.join(work, 'UCF-101'), os.path.join(work, 'ucfTrainTestlist'), 60 if args.quick else 200)
+    print('extraction ...', file=sys.stderr, flush=True)
+    r['extract_fast_fps'] = extraction_figures(work, 'fast')
+    r['extract_stock_fps'] = extraction_figures(work, 'stock')
+    print('LSTM ...', file=sys.stderr, flush=True)
+    r['lstm_step_s'] = lstm_step_seconds(repeat)
+    print('packing ...', file=sys.stderr, flush=True)
+    r['packing'] = packing_figures(work, 'small' if args.quick else 'full')
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(r, f, indent=1)
+    table = report(r)
+    with open(os.path.join(args.out, 'results.md'), 'w') as f:
+        f.write(table)
+    print(table)
+    return r
+
+
+def report(r):
+    t = r.get('torch') or {}
+    rows = [('float32 matrix multiply (4096^3)', f'{r["sgemm_gflops"]:.0f} GFLOP/s', 'reference', '')]
+    best = max(r['vgg_fast_fps_b1'], r['vgg_fast_fps_b8'])
+    for conv in ('stock', 'fast'):
+        for b in (1, 8):
+            fps = r[f'vgg_{conv}_fps_b{b}']
+            peer = t.get(f'vgg_fps_b{b}')
+            rows.append((f'VGG16 224x224 forward, {conv} conv, batch {b}', f'{fps:.2f} frames/s',
+                         f'{fps / r["vgg_ceiling_fps"]:.2f} of the matmul ceiling ({r["vgg_ceiling_fps"]:.1f})',
+                         f'{fps / peer:.2f}x PyTorch ({peer:.2f})' if peer else ''))
+    rows.append(('fast conv vs stock (best batch)', f'{best / max(r["vgg_stock_fps_b1"], r["vgg_stock_fps_b8"]):.2f}x',
+                 'same function, float32 rounding', ''))
+    rows.append(('decoding + preprocessing to 224', f'{r["decode_preprocess_fps"]:.0f} frames/s',
+                 f'{r["decode_preprocess_fps"] / r["decode_bare_fps"]:.2f} of bare ffmpeg decoding '
+                 f'({r["decode_bare_fps"]:.0f})', ''))
+    rows.append(('random training frame (seek), first visit', f'{r["sample_cold_per_s"]:.1f} samples/s',
+                 'one header probe + one seek per sample', ''))
+    rows.append(('random training frame (seek), header cached', f'{r["sample_warm_per_s"]:.1f} samples/s',
+                 'one ffmpeg seek per sample', ''))
+    slower = min(r['decode_preprocess_fps'], r['vgg_fast_fps_b8'])
+    rows.append(('extraction pipeline (fast conv, batch 8)', f'{r["extract_fast_fps"]:.2f} frames/s',
+                 f'{r["extract_fast_fps"] / slower:.2f} of its slower stage ({slower:.2f})', ''))
+    rows.append(('extraction pipeline (stock conv, batch 8)', f'{r["extract_stock_fps"]:.2f} frames/s', '', ''))
+    peer = t.get('lstm_step_s')
+    rows.append(('LSTM step, 32 x 120 x 1024 -> 512, BPTT 30', f'{r["lstm_step_s"]:.2f} s',
+                 '', f'{r["lstm_step_s"] / peer:.2f}x PyTorch time ({peer:.2f} s)' if peer else ''))
+    pk = r['packing']
+    for script in ('save_hdf5.py', 'normalizeData.py'):
+        rows.append((f'{script}, {pk["clips"]:,} clips / {pk["frames"]:,} frames', f'{pk[script]["seconds"]} s',
+                     f'peak memory {pk[script]["peak_mb"]} MB', ''))
+    lines = [f'Benchmarks on {r["machine"]["cpus"]} CPUs ({r["machine"]["processor"]}), Python '
+             f'{r["machine"]["python"]}' + (f', PyTorch {t["version"]} ({t["threads"]} threads)' if t.get('version')
+                                            else ', no PyTorch peer'), '',
+             '| measure | value | against | peer |', '|---|---|---|---|']
+    lines += [f'| {a} | {b} | {c} | {d} |' for a, b, c, d in rows]
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    main()
