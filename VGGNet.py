@@ -28,11 +28,19 @@ HOW_TO_GET = ('Make it with `python VGGNet.py --from-caffemodel VGG_ILSVRC_16_la
 
 
 def conv_forward(x, link, implementation):
-    """3x3/pad 1 convolution by the chosen implementation: 'stock' Chainer, or 'fast' (fast_conv.py)."""
+    """3x3/pad 1 convolution by the chosen implementation: 'stock' Chainer, or 'fast' (fast_conv.py, which also
+    brings its own 2x2 max pooling)."""
     if implementation == 'fast':
         import fast_conv
         return fast_conv.convolution_3x3(x, link.W, link.b)
     return F.convolution_2d(x, link.W, link.b, pad=1)
+
+
+def pool_forward(x, implementation):
+    if implementation == 'fast':
+        import fast_conv
+        return fast_conv.max_pooling_2x2(x)
+    return F.max_pooling_2d(x, 2, 2)
 
 
 class VGGTrunk(chainer.Chain):
@@ -57,7 +65,7 @@ class VGGTrunk(chainer.Chain):
         for n in BLOCKS:
             for _ in range(n):
                 h = F.relu(conv_forward(h, getattr(self, next(names)), self.conv))
-            h = F.max_pooling_2d(h, 2, 2)
+            h = pool_forward(h, self.conv)
         return h
 
     def fc6_features(self, x):
@@ -158,7 +166,7 @@ def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
                 link = getattr(model, next(names))
                 calibrate(link, h, (0, 2, 3))
                 h = F.relu(conv_forward(h, link, model.conv))
-            h = F.max_pooling_2d(h, 2, 2)
+            h = pool_forward(h, model.conv)
         for name in ('fc6', 'fc7'):
             link = getattr(model, name)
             calibrate(link, h, (0,))

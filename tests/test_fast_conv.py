@@ -37,3 +37,19 @@ def test_vgg_fast_and_stock_agree():
     x = np.random.RandomState(1).normal(0, 50, (3, 3, 32, 32)).astype(np.float32)
     for a, b in zip(stock.predict(x), fast.predict(x)):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pooling_matches_stock_including_ties():
+    rng = np.random.RandomState(0)
+    x = np.maximum(rng.normal(size=(2, 3, 6, 8)), 0).astype(np.float32)  # ReLU output: many tied zeros
+    x[0, 0, :2, :2] = 1.0  # a window of four equal maxima
+    gy = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+    results = []
+    for pool in (lambda v: F.max_pooling_2d(v, 2, 2), fast_conv.max_pooling_2x2):
+        v = chainer.Variable(x)
+        y = pool(v)
+        y.grad = gy
+        y.backward()
+        results.append((y.array, v.grad))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
