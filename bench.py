@@ -58,6 +58,22 @@ def vgg_fps(conv, batch, repeat):
     return batch / best_time(lambda: model.predict(x), repeat)
 
 
+def finetune_step_seconds(conv, batch, repeat):
+    """One fine-tuning update at 224x224 with the handout's setup (fc7 and fc8 learn, MomentumSGD, weight decay)."""
+    import chainer
+    import VGGNet_1024
+    np.random.seed(0)
+    model = VGGNet_1024.VGGNet_1024(101, 224, conv=conv)
+    optimizer = chainer.optimizers.MomentumSGD(lr=0.0005, momentum=0.9)
+    optimizer.setup(model)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(0.0005))
+    model.freeze_below_train_from()
+    x = np.random.RandomState(0).normal(0, 50, (batch, 3, 224, 224)).astype(np.float32)
+    t = np.arange(batch, dtype=np.int32) % 101
+    with chainer.reporter.Reporter().scope({}):
+        return best_time(lambda: optimizer.update(model, x, t), repeat)
+
+
 def torch_python():
     """The interpreter of a PyTorch environment beside the project's, made on first use; None if impossible."""
     python = os.path.join(TORCH_VENV, 'bin', 'python')
@@ -238,6 +254,8 @@ def main(argv=None):
         for batch in (1, 8):
             r[f'vgg_{conv}_fps_b{batch}'] = vgg_fps(conv, batch, repeat)
     r['vgg_ceiling_fps'] = r['sgemm_gflops'] / VGG16_GFLOP
+    for conv in ('stock', 'fast'):
+        r[f'finetune_{conv}_step_s_b8'] = finetune_step_seconds(conv, 8, repeat)
     print('PyTorch peer ...', file=sys.stderr, flush=True)
     r['torch'] = None if args.no_torch else torch_figures(repeat)
     print('decoding ...', file=sys.stderr, flush=True)
@@ -273,6 +291,10 @@ def report(r):
             rows.append((f'VGG16 224x224 forward, {conv} conv, batch {b}', f'{fps:.2f} frames/s',
                          f'{fps / r["vgg_ceiling_fps"]:.2f} of the matmul ceiling ({r["vgg_ceiling_fps"]:.1f})',
                          f'{fps / peer:.2f}x PyTorch ({peer:.2f})' if peer else ''))
+    for conv in ('stock', 'fast'):
+        step = r[f'finetune_{conv}_step_s_b8']
+        rows.append((f'fine-tuning step, batch 8, fc7+fc8 learn, {conv} conv', f'{step:.2f} s',
+                     f'{8 / step:.2f} frames/s; the handout\'s batch of 36 takes about {36 * step / 8:.0f} s', ''))
     rows.append(('fast conv vs stock (best batch)', f'{best / max(r["vgg_stock_fps_b1"], r["vgg_stock_fps_b8"]):.2f}x',
                  'same function, float32 rounding', ''))
     rows.append(('decoding + preprocessing to 224', f'{r["decode_preprocess_fps"]:.0f} frames/s',

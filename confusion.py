@@ -156,7 +156,7 @@ def compare(single, lstm, out_dir, n=10, stream=None):
     ax.set_ylabel('per-class test accuracy')
     ax.set_ylim(0, 1.05)
     ax.set_title('Classes the LSTM improved most (left) and did not improve (right)')
-    ax.legend()
+    ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0))  # outside the bars
     fig.tight_layout()
     with atomic_path(os.path.join(out_dir, 'improvement.png')) as tmp:
         fig.savefig(tmp, dpi=110, format='png')

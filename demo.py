@@ -44,9 +44,10 @@ def main(argv=None):
     times['finetune'] = step('Part 1: fine-tune on random frames (frameBasedTrain.py)', 'frameBasedTrain.py',
                              '--epoch', '30', '--batchsize', '16', '--lr', '0.003', '--dropout', '0.2',
                              '--feature-size', '128', '--log-interval', '50', '--loaderjob', '0', '--cache-mb', '3000',
-                             '--test-eval', cwd=work)
+                             '--test-eval', '--conv', 'fast', cwd=work)
     times['extract'] = step('Part 2: extract features, 3 shards run locally (saveFeatures.sh)', 'generate_pbs.py',
-                            '--scheduler', 'local', '--num-shards', '3', '--', '--batchsize', '64', cwd=work)
+                            '--scheduler', 'local', '--num-shards', '3', '--', '--batchsize', '64', '--conv', 'fast',
+                            cwd=work)
     times['pack'] = step('Part 2: pack into HDF5 (save_hdf5.py)', 'save_hdf5.py', cwd=work)
     times['normalize'] = step('Part 2: normalise (normalizeData.py)', 'normalizeData.py', cwd=work)
     times['single'] = step('Part 2: single-frame accuracy (singleFrameAccuracy.py)', 'singleFrameAccuracy.py',

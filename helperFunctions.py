@@ -380,6 +380,8 @@ def run_isolated(function, *args):
     receive, send = context.Pipe(duplex=False)
 
     def child():
+        import faulthandler
+        faulthandler.disable()  # a crash here is expected and reported by the parent; no C-level dump
         try:
             send.send(('ok', function(*args)))
         except BaseException as e:  # handed to the parent, which raises it
