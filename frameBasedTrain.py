@@ -37,8 +37,9 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     """
 
     def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False,
-                 cache_mb=0):
+                 cache_mb=0, seed=0):
         self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
+        self.seed, self.home_pid = seed, os.getpid()
         self.cache, self.cache_bytes = collections.OrderedDict(), cache_mb << 20
         self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
         self.by_label = {}
@@ -52,8 +53,11 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     @property
     def rng(self):
         # Loader processes are forked from one parent: each needs its own random stream, not a copy of it.
+        # In the training process itself (--loaderjob 0) the stream follows --seed, so runs repeat exactly.
         if self._pid != os.getpid():
-            self._rng, self._pid = np.random.RandomState(), os.getpid()
+            pid = os.getpid()
+            self._rng = np.random.RandomState(self.seed if pid == self.home_pid else (self.seed + pid) % 2 ** 32)
+            self._pid = pid
         return self._rng
 
     def decoded(self, i, path):
@@ -128,7 +132,7 @@ def make_trainer(args):
     model.freeze_below_train_from()
 
     train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
-                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb)
+                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb, seed=args.seed)
     example_bytes = 4 * 3 * model.insize ** 2 + 64
     order = chainer.iterators.ShuffleOrderSampler(np.random.RandomState(args.seed))
     if args.loaderjob > 0:

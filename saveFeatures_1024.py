@@ -92,17 +92,17 @@ class FailureLog:
 
 
 def produce(jobs, data_root, insize, batchsize, out, stop):
-    """Decoder thread: for each clip, ('batch', clip, frames) messages then ('end', clip, claimed) or
-    ('fail', clip, frames read, claimed, reason). Runs ahead of the network by the queue's size."""
+    """Decoder thread: for each clip, ('batch', clip, frames) messages, then ('end' or 'fail', clip, frames read,
+    frames claimed, reason). Runs ahead of the network by the queue's size."""
     for clip in jobs:
         if stop.is_set():
             return
         path = os.path.join(data_root, clip.path)
         read, claimed = 0, 0
         try:
-            claimed = video_info(path).frames
-            batch = []
-            for frame in iter_frames(path):
+            info = video_info(path)
+            claimed, batch = info.frames, []
+            for frame in iter_frames(path, info=info):
                 batch.append(preprocess_frame(frame, insize))
                 read += 1
                 if len(batch) == batchsize:

@@ -190,17 +190,25 @@ if __name__ == '__main__':
 
 
 def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), frames=(29, 900), dim=1024,
-                        seed=0, mean_frames=186):
+                        seed=0, mean_frames=186, lists=None):
     """Lists plus per-clip feature and prediction .npy files as saveFeatures_1024.py writes them, without videos:
-    for testing and benchmarking the packing and normalisation at full UCF-101 scale (13,320 clips at the
-    defaults, about 2.5 million frames). Frame counts follow a log-normal around `mean_frames`."""
+    for testing and benchmarking the packing and normalisation at full UCF-101 scale (with `lists`, the real
+    split files: 13,320 clips, about 2.5 million frames). Frame counts follow a log-normal around
+    `mean_frames`."""
+    from helperFunctions import clip_group, read_class_index, read_split
     rng = np.random.default_rng(seed)
-    classes = [f'Class{i:03d}' for i in range(n_classes)]
-    clips = []
-    for label, name in enumerate(classes):
-        for group in range(1, groups + 1):
-            for c in range(1, rng.integers(clips_per_group[0], clips_per_group[1] + 1) + 1):
-                clips.append((f'{name}/v_{name}_g{group:02d}_c{c:02d}.avi', label, group))
+    if lists:
+        classes = read_class_index(lists)
+        clips = sorted({(c.path, c.label, clip_group(c.path)) for s in ('train', 'test')
+                        for c in read_split(lists, 1, s)})
+        n_classes = len(classes)
+    else:
+        classes = [f'Class{i:03d}' for i in range(n_classes)]
+        clips = []
+        for label, name in enumerate(classes):
+            for group in range(1, groups + 1):
+                for c in range(1, rng.integers(clips_per_group[0], clips_per_group[1] + 1) + 1):
+                    clips.append((f'{name}/v_{name}_g{group:02d}_c{c:02d}.avi', label, group))
     write_lists(os.path.join(out, 'ucfTrainTestlist'), classes, clips)
     lengths = np.clip(rng.lognormal(np.log(mean_frames) - 0.18, 0.6, len(clips)), *frames).astype(int)
     total = 0
