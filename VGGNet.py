@@ -125,13 +125,21 @@ def load_vgg(path, conv='stock'):
     except DataError as e:
         raise DataError(f'{path}: {e}. {HOW_TO_GET}') from e
     model = VGGNet(insize, widths, fc_size, n_classes, conv)
-    for name, param in model.namedparams():
-        param.array[...] = params[name.lstrip('/')]
+    set_params(model, params, path)
     provenance = str(params['provenance']) if 'provenance' in params else 'unknown'
     if provenance.startswith('random'):
         print(f'NOTE: {path} holds RANDOM weights ({provenance}), not ImageNet ones: fine for the demo, '
               f'meaningless for real results. {HOW_TO_GET}', file=sys.stderr)
     return model, provenance
+
+
+def set_params(model, params, source):
+    """Copy {name: array} into the model's parameters, refusing any of another shape."""
+    for name, param in model.namedparams():
+        value = params[name.lstrip('/')]
+        if value.shape != param.shape:
+            raise DataError(f'{source}: {name} has shape {value.shape}, expected {param.shape}')
+        param.array[...] = value
 
 
 def save_model(model, path, provenance):
@@ -200,11 +208,7 @@ def convert(source, out, kind):
     params = params_from_caffemodel(source) if kind == 'caffe' else read_params(source)
     insize, widths, fc_size, n_classes = shapes_from_params(params)
     model = VGGNet(insize, widths, fc_size, n_classes)
-    for name, param in model.namedparams():
-        value = params[name.lstrip('/')]
-        if value.shape != param.shape:
-            raise DataError(f'{source}: {name} has shape {value.shape}, expected {param.shape}')
-        param.array[...] = value
+    set_params(model, params, source)
     save_model(model, out, f'{kind}:{os.path.basename(source)}')
     return model
 

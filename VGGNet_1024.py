@@ -8,7 +8,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from VGGNet import CONV_LAYERS, WIDTHS, VGGTrunk, read_params, save_model, shapes_from_params
+from VGGNet import CONV_LAYERS, WIDTHS, VGGTrunk, read_params, save_model, set_params, shapes_from_params
 from helperFunctions import DataError
 
 LAYERS = CONV_LAYERS + ['fc6', 'fc7', 'fc8']
@@ -87,10 +87,7 @@ def load_model(path, conv='stock', train_from='fc7'):
     except DataError as e:
         raise DataError(f'{path}: {e}; is this a VGGNet_1024 model file?') from e
     model = VGGNet_1024(n_classes, insize, widths, fc6_size, params['fc7/W'].shape[0], conv, train_from)
-    for name, param in model.namedparams():
-        if params[name.lstrip('/')].shape != param.shape:
-            raise DataError(f'{path}: {name} has shape {params[name.lstrip("/")].shape}, expected {param.shape}')
-        param.array[...] = params[name.lstrip('/')]
+    set_params(model, params, path)
     return model
 
 

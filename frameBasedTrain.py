@@ -8,7 +8,6 @@ fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A sna
 """
 import argparse
 import collections
-import glob
 import os
 import sys
 
@@ -22,7 +21,8 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import (DataError, NO_AUGMENTATION, VideoError, check_clips_on_disk, device_from_arg,
                              exit_on_user_error, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_frame, read_frames, read_split, video_info, warn)
+                             read_class_index, read_frame, read_frames, read_split, resume_trainer, video_info,
+                             warn)
 
 matplotlib.use('Agg')
 
@@ -111,11 +111,6 @@ def build_model(args, n_classes):
     return model, provenance
 
 
-def latest_snapshot(out):
-    snapshots = glob.glob(os.path.join(out, 'snapshot_iter_*'))
-    return max(snapshots, key=lambda p: int(p.rsplit('_', 1)[1]), default=None)
-
-
 def make_trainer(args):
     classes = read_class_index(args.lists)
     train_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'train'), args.skip_missing)
@@ -165,13 +160,7 @@ def make_trainer(args):
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=snapshot_trigger)
 
-    if args.resume:
-        path = latest_snapshot(args.out) if args.resume == 'auto' else args.resume
-        if path and not os.path.isfile(path):
-            raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
-        if path:
-            chainer.serializers.load_npz(path, trainer)
-            print(f'resumed from {path} at epoch {updater.epoch}, iteration {updater.iteration}', file=sys.stderr)
+    resume_trainer(trainer, args.out, args.resume)
     return trainer, model
 
 

@@ -6,6 +6,7 @@ can never disagree about colour order, mean or resizing.
 import collections
 import contextlib
 import errno
+import glob
 import io
 import os
 import re
@@ -473,6 +474,26 @@ def device_from_arg(spec):
     except Exception as e:
         raise DataError(f'device {spec!r} is not usable ({e}). For a GPU install CuPy 13 (README, GPU section); '
                         'use --device -1 for the CPU.') from e
+
+
+def resume_trainer(trainer, out, resume):
+    """Load `resume` (a snapshot, or 'auto' for the newest snapshot_iter_* in `out`, if any) into the trainer.
+    Returns the snapshot's path, or None when 'auto' finds nothing (a first run)."""
+    import chainer
+    if not resume:
+        return None
+    if resume == 'auto':
+        snapshots = glob.glob(os.path.join(out, 'snapshot_iter_*'))
+        path = max(snapshots, key=lambda p: int(p.rsplit('_', 1)[1]), default=None)
+    else:
+        path = resume
+    if path and not os.path.isfile(path):
+        raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
+    if path:
+        chainer.serializers.load_npz(path, trainer)
+        updater = trainer.updater
+        print(f'resumed from {path} at epoch {updater.epoch}, iteration {updater.iteration}', file=sys.stderr)
+    return path
 
 
 def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', interval=(20, 'iteration')):

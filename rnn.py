@@ -18,7 +18,6 @@ flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of e
 The first technique's per-clip scores go to lstm_results.npz for confusion.py.
 """
 import argparse
-import glob
 import os
 import sys
 
@@ -33,7 +32,7 @@ from chainer.training import extensions
 
 from confusion import format_accuracy, save_results, topk_accuracies
 from helperFunctions import (DataError, atomic_path, device_from_arg, exit_on_user_error, rate_eta_extension,
-                             repeatSequence)
+                             repeatSequence, resume_trainer)
 from save_hdf5 import read_hdf5_header
 
 matplotlib.use('Agg')
@@ -388,15 +387,7 @@ def make_trainer(args):
                                          'epoch', file_name='accuracy.png'))
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=(1, 'epoch'))
-    if args.resume:
-        snapshots = glob.glob(os.path.join(args.out, 'snapshot_iter_*'))
-        path = (max(snapshots, key=lambda p: int(p.rsplit('_', 1)[1]), default=None) if args.resume == 'auto'
-                else args.resume)
-        if path and not os.path.isfile(path):
-            raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
-        if path:
-            chainer.serializers.load_npz(path, trainer)
-            print(f'resumed from {path} at epoch {updater.epoch}', file=sys.stderr)
+    resume_trainer(trainer, args.out, args.resume)
     return trainer, model, test, tester
 
 
