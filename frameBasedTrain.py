@@ -187,8 +187,9 @@ def parse_args(argv=None):
     p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
     p.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
     p.add_argument('--rotate', action='store_true', help='random rotations of up to 10 degrees')
-    p.add_argument('--conv', default='stock', choices=('stock', 'fast'),
-                   help="convolution implementation: Chainer's own, or fast_conv.py's for the CPU")
+    p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
+                   help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
+                        "Chainer's own either way); stock: Chainer's own")
     p.add_argument('--loaderjob', '-j', type=int, default=os.cpu_count(),
                    help='frame-loading processes (0: load in the training process)')
     p.add_argument('--cache-mb', type=int, default=0,

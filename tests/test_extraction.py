@@ -41,7 +41,7 @@ def test_extraction_outputs_match_the_model(tiny_ucf, tiny_model, extracted):
     features, predictions = (os.path.join(extracted, d) for d in ('UCF-101_features', 'UCF-101_framePrediction'))
     expected = sorted(clip_stem(p) + '.npy' for p in written)
     assert npy_files(features) == expected and npy_files(predictions) == expected
-    model = VGGNet_1024.load_model(tiny_model)
+    model = VGGNet_1024.load_model(tiny_model, conv='fast')  # extraction's default; fast vs stock: test_fast_conv
     for rel in sorted(written)[::17]:
         frames = read_frames(os.path.join(root, 'UCF-101', rel))
         feature = np.load(os.path.join(features, clip_stem(rel) + '.npy'))
@@ -50,7 +50,10 @@ def test_extraction_outputs_match_the_model(tiny_ucf, tiny_model, extracted):
         assert feature.dtype == prob.dtype == np.float32
         # Same preprocessing function as training: recompute the network's outputs here.
         want_prob, want_feature = model.predict(np.stack([preprocess_frame(f, 32) for f in frames]))
-        assert np.allclose(feature, want_feature, atol=1e-5) and np.allclose(prob, want_prob, atol=1e-6)
+        # float32 rounding only (batching and the convolution's summation order differ); a preprocessing
+        # difference would be orders of magnitude larger
+        assert np.allclose(feature, want_feature, rtol=1e-4, atol=1e-5)
+        assert np.allclose(prob, want_prob, rtol=1e-4, atol=1e-6)
     summaries = os.listdir(os.path.join(extracted, 'extraction_logs'))
     assert sorted(s for s in summaries if s.startswith('summary')) == [
         f'summary_shard_{k:02d}_of_03.json' for k in range(3)]
