@@ -123,9 +123,10 @@ def compare(single, lstm, out_dir, n=10, stream=None):
         print(f'note: comparing on the {len(common)} clips both models scored', file=stream)
         single, lstm = (restrict(r, common) for r in (single, lstm))
     classes = list(single['classes'])
-    before = per_class_accuracy(confusion_counts(single['labels'], single['scores']))
+    single_counts = confusion_counts(single['labels'], single['scores'])
+    before = per_class_accuracy(single_counts)
     after = per_class_accuracy(confusion_counts(lstm['labels'], lstm['scores']))
-    clips = confusion_counts(single['labels'], single['scores']).sum(axis=1)
+    clips = single_counts.sum(axis=1)
     change = after - before
     valid = np.flatnonzero(~np.isnan(change))
     order = valid[np.argsort(-change[valid], kind='stable')]

@@ -23,9 +23,15 @@ from helperFunctions import atomic_path
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
 
 
-def extraction_command(python, shard, num_shards, device, extra):
-    return ' '.join(shlex.quote(a) for a in [python, SCRIPT, '--shard', shard, '--num-shards', str(num_shards),
-                                               '--device', device, *extra]).replace("'$SHARD'", '"$SHARD"')
+def extraction_argv(args, shard):
+    """The command of one shard: the interpreter, saveFeatures_1024.py, the shard, and the pass-through arguments."""
+    return [args.python, SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards), '--device', args.device,
+            *args.extra]
+
+
+def shell_line(argv):
+    """argv as one shell line, where the shard '$SHARD' stays the job script's variable."""
+    return ' '.join('"$SHARD"' if a == '$SHARD' else shlex.quote(a) for a in argv)
 
 
 def job_body(args, shard_expression):
@@ -37,7 +43,7 @@ def job_body(args, shard_expression):
     lines += [f'module load {m}' for m in args.module]
     lines += args.setup
     lines.append('echo "shard $SHARD of %d on $(hostname), $(date)"' % args.num_shards)
-    lines.append(extraction_command(args.python, '$SHARD', args.num_shards, args.device, args.extra))
+    lines.append(shell_line(extraction_argv(args, '$SHARD')))
     return '\n'.join(lines) + '\n'
 
 
@@ -93,9 +99,8 @@ def run_local(args):
         while waiting and len(running) < args.parallel:
             shard = waiting.pop(0)
             log = open(os.path.join(args.log_dir, f'{args.name}_{shard:02d}.log'), 'w')
-            command = [args.python, SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards),
-                       '--device', args.device, *args.extra]
-            running[shard] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+            running[shard] = (subprocess.Popen(extraction_argv(args, shard), stdout=log, stderr=subprocess.STDOUT),
+                              log)
         time.sleep(0.2)
         for shard, (proc, log) in list(running.items()):
             if proc.poll() is not None:
@@ -149,7 +154,7 @@ def main(argv=None):
     if args.scheduler == 'local':
         if args.dry_run:
             for shard in range(args.num_shards):
-                print('$ ' + extraction_command(args.python, str(shard), args.num_shards, args.device, args.extra))
+                print('$ ' + shell_line(extraction_argv(args, shard)))
             return []
         run_local(args)
         return []

@@ -243,13 +243,14 @@ def step_log_probs(model, sequences, chunk=120):
     return [y[i, :n] for i, n in enumerate(lengths)]
 
 
+# How each whole-clip technique weighs the steps: the same weightings as the training loss.
+STEP_WEIGHTING = {'full': 'uniform', 'weighted': 'linear', 'last': 'last'}
+
+
 def clip_score(log_probs, technique):
-    if technique == 'last':
-        return log_probs[-1]
-    if technique == 'weighted':
-        w = np.arange(1, len(log_probs) + 1, dtype=np.float64)
-        return (log_probs * w[:, None]).sum(axis=0) / w.sum()
-    return log_probs.mean(axis=0)
+    """A clip's class scores from its per-step log softmax, by the steps' weights under `technique`."""
+    weights = loss_weights(len(log_probs), STEP_WEIGHTING[technique])
+    return (log_probs * weights[:, None]).mean(axis=0)
 
 
 def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
@@ -258,10 +259,10 @@ def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
     order = np.argsort(lengths, kind='stable')
     n_classes = model.out.W.shape[0]
     scores = {t: np.zeros((len(clips), n_classes), np.float32) for t in techniques}
+    whole = [t for t in techniques if t != 'segments']
     for b in range(0, len(order), batchsize):
         index = order[b:b + batchsize]
         features = [clips.read(i) for i in index]
-        whole = [t for t in techniques if t != 'segments']
         if whole:
             for i, log_probs in zip(index, step_log_probs(model, features)):
                 for t in whole:

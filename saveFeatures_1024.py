@@ -150,7 +150,7 @@ def extract_shard(args):
     for t in threads:
         t.start()
     progress = Progress(max(frames_todo, 1), 'frames', f'shard {args.shard}: ')
-    pending, finished, counts, started = {}, 0, dict(complete=0, partial=0, skipped=0), time.time()
+    pending, finished, counts = {}, 0, dict(complete=0, partial=0, skipped=0)
     try:
         while finished < len(threads):
             message = messages.get()
@@ -188,9 +188,10 @@ def extract_shard(args):
                 failures.forget(clip.path)
     finally:
         stop.set()
+    seconds = time.time() - progress.start
     summary = dict(shard=args.shard, num_shards=args.num_shards, clips_in_shard=end - start,
-                   done_before=done_before, seconds=round(time.time() - started, 1),
-                   frames_per_second=round(progress.done / max(time.time() - started, 1e-9), 2),
+                   done_before=done_before, seconds=round(seconds, 1),
+                   frames_per_second=round(progress.done / max(seconds, 1e-9), 2),
                    failures_file=failures.path, **counts)
     with atomic_path(os.path.join(args.log_dir, f'summary_{tag}.json')) as tmp, open(tmp, 'w') as f:
         json.dump(summary, f, indent=1)
