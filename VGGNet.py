@@ -60,17 +60,34 @@ class VGGTrunk(chainer.Chain):
                     channels = width
             self.fc6 = L.Linear(channels * (insize // 32) ** 2, fc6_size)
 
-    def pool5(self, x):
-        h, names = x, iter(CONV_LAYERS)
+    def pool5(self, x, graph_from=None):
+        """conv1_1 ... pool5. The layers before `graph_from` (a convolution's name), or all of them when no graph
+        is being built, run without a graph; with conv='fast' on the CPU they run as one fused pass
+        (fast_conv.frozen_layers), the activations staying in its layout from layer to layer."""
+        steps, names = [], iter(CONV_LAYERS)
         for n in BLOCKS:
-            for _ in range(n):
-                h = F.relu(conv_forward(h, getattr(self, next(names)), self.conv))
-            h = pool_forward(h, self.conv)
+            steps += [getattr(self, next(names)) for _ in range(n)] + [None]  # None: 2x2 max pooling
+        if not chainer.config.enable_backprop or (graph_from and graph_from not in CONV_LAYERS):
+            frozen = len(steps)
+        else:
+            frozen = steps.index(getattr(self, graph_from)) if graph_from else 0
+        h = x.array if isinstance(x, chainer.Variable) else x
+        if frozen and self.conv == 'fast' and isinstance(h, np.ndarray) and h.dtype == np.float32:
+            import fast_conv
+            h = fast_conv.frozen_layers(h, [(s.W.array, s.b.array) if s else None for s in steps[:frozen]])
+        else:
+            with chainer.no_backprop_mode():
+                h = self._run(h, steps[:frozen])
+        return self._run(h, steps[frozen:])
+
+    def _run(self, h, steps):
+        for step in steps:
+            h = F.relu(conv_forward(h, step, self.conv)) if step else pool_forward(h, self.conv)
         return h
 
-    def fc6_features(self, x):
-        """relu(fc6) before dropout."""
-        return F.relu(self.fc6(self.pool5(x)))
+    def fc6_features(self, x, graph_from=None):
+        """relu(fc6) before dropout (`graph_from`: as in pool5)."""
+        return F.relu(self.fc6(self.pool5(x, graph_from)))
 
 
 class VGGNet(VGGTrunk):

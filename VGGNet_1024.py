@@ -46,8 +46,8 @@ class VGGNet_1024(VGGTrunk):
             with chainer.no_backprop_mode():
                 h = self.pool5(x)
             h = F.relu(self.fc6(h))
-        else:
-            h = self.fc6_features(x)
+        else:  # the frozen convolutions below train_from run without a graph
+            h = self.fc6_features(x, graph_from=self.train_from)
         h = F.relu(self.fc7(F.dropout(h, self.dropout)))
         if self.train_from == 'fc8':
             h = h.array
