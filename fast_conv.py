@@ -33,6 +33,7 @@ import numpy as np
 BLOCK_BYTES = 8 << 20      # stacked views of one block (the stacking path)
 OUT_BLOCK_BYTES = 4 << 20  # output block accumulated while it is in cache (the in-place path)
 MIN_CHANNELS = 16          # fewer input channels: stacking (a 3-long inner dimension starves the multiply)
+MIN_POSITIONS = 512        # fewer positions (a 14x14 image): stacking (one long product beats nine short ones)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _openblas_cache = []
@@ -116,21 +117,35 @@ def _tap_weights(weights):
 
 
 def _padded_rows(x):
-    """(N, C, H, W) -> (C, N*(H+3)*(W+2)) buffer: each image padded by 1 (and one extra bottom row, so the
-    last shifted view stays inside it), images concatenated along the row."""
+    """(N, C, H, W) -> (C, length) padded rows: see `_layout`."""
     n, c, h, w = x.shape
-    buf = np.empty((c, n, h + 3, w + 2), x.dtype)
-    _zero_border(buf, h, w)
-    buf[:, :, 1:h + 1, 1:w + 1] = x.transpose(1, 0, 2, 3)
-    return buf.reshape(c, -1)
+    rows = _layout(c, n, h, w, x.dtype)
+    _pixels(rows, n, h, w)[...] = x.transpose(1, 0, 2, 3)
+    return rows
 
 
-def _zero_border(buf, h, w):
-    """Zero the padding of a (C, N, H+3, W+2) padded-rows buffer (not the whole buffer: that is a memory pass)."""
-    buf[:, :, 0] = 0
-    buf[:, :, h + 1:] = 0
-    buf[:, :, 1:h + 1, 0] = 0
-    buf[:, :, 1:h + 1, w + 1] = 0
+def _layout(channels, n, h, w, dtype):
+    """An empty padded-rows buffer, its padding zeroed: per channel one row of (1 + N(H+1)) x (W+1) values and
+    one more. Every line of W pixels starts with one zero (the left padding of its pixels and the right padding
+    of the line before); one line of W+1 zeros precedes each image and follows the last, each shared by the
+    images on both sides. Against a separate (H+2) x (W+2) border per image, this wastes less on by-products
+    at the small sizes: 13% of the positions of a 14x14 image, not 28%."""
+    rows = np.empty((channels, (1 + n * (h + 1)) * (w + 1) + 1), dtype)
+    _zero_padding(rows, n, h, w)
+    return rows
+
+
+def _zero_padding(rows, n, h, w):
+    """Zero the padding of padded rows (not the whole buffer: that would be a pass over memory)."""
+    grid = rows[:, :-1].reshape(rows.shape[0], 1 + n * (h + 1), w + 1)
+    grid[:, ::h + 1] = 0
+    grid[:, :, 0] = 0
+    rows[:, -1] = 0
+
+
+def _pixels(rows, n, h, w):
+    """The (C, N, H, W) view of the pixels in padded rows."""
+    return rows[:, w + 2:w + 2 + n * (h + 1) * (w + 1)].reshape(rows.shape[0], n, h + 1, w + 1)[:, :, :h, :w]
 
 
 def _finish_block(block, bias, relu):
@@ -140,27 +155,32 @@ def _finish_block(block, bias, relu):
         np.maximum(block, 0, out=block)
 
 
-def _correlate(rows, weights, n, h, w, out=None, shift=0, bias=None, relu=False):
-    """rows (C, N*(H+3)*(W+2)), weights (O, C, 3, 3) -> out (O, same length), where out[:, shift + p] holds the
-    output (plus bias, through ReLU if asked) whose window starts at p: valid for the first H rows and W
-    columns of each image; the other positions hold by-products and the first `shift` and last 2(W+2)+2-shift
-    positions are not written. shift = W+3 puts every output where the next layer's padded rows want it."""
+def _blocks(total, block):
+    """Starts and sizes of about equal blocks of at most `block` positions covering `total`."""
+    count = -(-total // block)
+    size = -(-total // count)
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
+
+
+def _correlate(rows, weights, n, h, w, out=None, bias=None, relu=False):
+    """Padded rows (C, length), weights (O, C, 3, 3) -> padded rows (O, length) of the convolution (plus bias,
+    through ReLU if asked): its pixels are where `_pixels` finds them; its padding holds by-products (or is not
+    written) and must be zeroed before it is used as a layer's input."""
     out_channels, channels = weights.shape[:2]
     length = rows.shape[1]
-    stride = w + 2
-    total = length - (2 * stride + 2)  # the last offset must stay inside the buffer
+    stride = w + 1
+    shift = stride + 1  # from the window's first position to its centre
+    total = length - 2 * shift  # window positions whose nine taps stay inside the buffer
     if out is None:
         out = np.empty((out_channels, length), rows.dtype)
     offsets = [i * stride + j for i in range(3) for j in range(3)]
     sgemm = _sgemm() if channels >= MIN_CHANNELS else None
     in_place = (sgemm is not None and rows.dtype == weights.dtype == out.dtype == np.float32
-                and rows.flags.c_contiguous and out.flags.c_contiguous)
+                and rows.flags.c_contiguous and out.flags.c_contiguous and total >= MIN_POSITIONS)
     if in_place:
         taps = _tap_weights(weights)
-        block = max(256, OUT_BLOCK_BYTES // (4 * out_channels))
         item = rows.itemsize
-        for start in range(0, total, block):
-            size = min(block, total - start)
+        for start, size in _blocks(total, max(256, OUT_BLOCK_BYTES // (4 * out_channels))):
             target = out.ctypes.data + (shift + start) * item
             for tap, offset in enumerate(offsets):
                 sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, out_channels, size, channels, 1.0, taps[tap].ctypes.data,
@@ -168,36 +188,25 @@ def _correlate(rows, weights, n, h, w, out=None, shift=0, bias=None, relu=False)
                       length)
             _finish_block(out[:, shift + start:shift + start + size], bias, relu)
         return out
-    taps = np.ascontiguousarray(weights.transpose(0, 2, 3, 1).reshape(out_channels, 9 * channels))
+    weights = weights.reshape(out_channels, 9 * channels)  # (channel, tap) order: stacked the same way
     block = max(256, BLOCK_BYTES // (36 * channels))
-    stacked = np.empty((9, channels, block), rows.dtype)
-    for start in range(0, total, block):
-        end = min(start + block, total)
-        size = end - start
+    stacked = np.empty((channels, 9, block), rows.dtype)
+    for start, size in _blocks(total, block):
         for tap, offset in enumerate(offsets):
-            stacked[tap, :, :size] = rows[:, start + offset:end + offset]
-        target = out[:, shift + start:shift + end]
-        np.matmul(taps, stacked[:, :, :size].reshape(9 * channels, size), out=target)
+            stacked[:, tap, :size] = rows[:, start + offset:start + offset + size]
+        target = out[:, shift + start:shift + start + size]
+        np.matmul(weights, stacked[:, :, :size].reshape(9 * channels, size), out=target)
         _finish_block(target, bias, relu)
     return out
 
 
-def _unpad(out, n, h, w, shift=0):
-    """Padded rows (O, N*(H+3)*(W+2)) whose outputs start at `shift` -> (N, O, H, W), a view."""
-    grid = out.reshape(out.shape[0], n, h + 3, w + 2)
-    top, left = divmod(shift, w + 2)
-    return grid[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
-
-
 def _pool_rows(rows, n, h, w):
-    """2x2 max pooling from padded rows (C, N*(H+3)*(W+2)) to padded rows of the H/2 x W/2 result."""
-    channels = rows.shape[0]
-    grid = rows.reshape(channels, n, h + 3, w + 2)
-    pairs = np.maximum(grid[:, :, 1:h + 1:2, 1:w + 1], grid[:, :, 2:h + 2:2, 1:w + 1])
-    out = np.empty((channels, n, h // 2 + 3, w // 2 + 2), rows.dtype)
-    _zero_border(out, h // 2, w // 2)
-    np.maximum(pairs[..., 0::2], pairs[..., 1::2], out=out[:, :, 1:h // 2 + 1, 1:w // 2 + 1])
-    return out.reshape(channels, -1)
+    """2x2 max pooling from padded rows of H x W images to padded rows of the H/2 x W/2 result."""
+    pixels = _pixels(rows, n, h, w)
+    pairs = np.maximum(pixels[:, :, 0::2], pixels[:, :, 1::2])
+    out = _layout(rows.shape[0], n, h // 2, w // 2, rows.dtype)
+    np.maximum(pairs[..., 0::2], pairs[..., 1::2], out=_pixels(out, n, h // 2, w // 2))
+    return out
 
 
 def frozen_layers(x, layers):
@@ -212,12 +221,10 @@ def frozen_layers(x, layers):
             rows, h, w = _pool_rows(rows, n, h, w), h // 2, w // 2
         else:
             weights, bias = layer
-            out = np.empty((weights.shape[0], rows.shape[1]), rows.dtype)
-            # each output lands where the next layer's padded rows want it; only its padding needs zeroing
-            _correlate(rows, weights, n, h, w, out, shift=w + 3, bias=bias, relu=True)
-            _zero_border(out.reshape(out.shape[0], n, h + 3, w + 2), h, w)
-            rows = out
-    return np.ascontiguousarray(_unpad(rows, n, h, w, shift=w + 3))
+            # the output is the next layer's input as it stands, once its padding is zeroed
+            rows = _correlate(rows, weights, n, h, w, bias=bias, relu=True)
+            _zero_padding(rows, n, h, w)
+    return np.ascontiguousarray(_pixels(rows, n, h, w).transpose(1, 0, 2, 3))
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
@@ -227,7 +234,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         n, _, h, w = x.shape
         self.retain_inputs((0, 1))
         out = _correlate(_padded_rows(x), W, n, h, w, bias=inputs[2] if len(inputs) == 3 else None)
-        return np.ascontiguousarray(_unpad(out, n, h, w)),
+        return np.ascontiguousarray(_pixels(out, n, h, w).transpose(1, 0, 2, 3)),
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
@@ -237,20 +244,18 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         results = []
         if 0 in indexes:  # correlation of gy with the flipped, transposed kernel
             flipped = np.ascontiguousarray(W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-            results.append(chainer.Variable(np.ascontiguousarray(
-                _unpad(_correlate(_padded_rows(gy), flipped, n, h, w), n, h, w))))
-        if 1 in indexes:  # gW[:, :, i, j] = gy . x shifted by (i, j), in the same padded layout
-            stride = w + 2
+            gx = _correlate(_padded_rows(gy), flipped, n, h, w)
+            results.append(chainer.Variable(np.ascontiguousarray(_pixels(gx, n, h, w).transpose(1, 0, 2, 3))))
+        if 1 in indexes:  # gW[:, :, i, j] = gy . x shifted by (i, j), in the same padded rows
             rows = _padded_rows(x)
-            grid = np.zeros((gy.shape[1], n, h + 3, w + 2), gy.dtype)
-            grid[:, :, :h, :w] = gy.transpose(1, 0, 2, 3)
-            grid = grid.reshape(gy.shape[1], -1)
-            total = rows.shape[1] - (2 * stride + 2)
+            stride = w + 1
+            total = rows.shape[1] - 2 * (stride + 1)
+            window = _padded_rows(gy)[:, stride + 1:stride + 1 + total]  # gy at its window's first position
             gW = np.empty_like(W)
             for i in range(3):
                 for j in range(3):
                     offset = i * stride + j
-                    gW[:, :, i, j] = grid[:, :total] @ rows[:, offset:offset + total].T
+                    gW[:, :, i, j] = window @ rows[:, offset:offset + total].T
             results.append(chainer.Variable(gW))
         if 2 in indexes:
             results.append(chainer.Variable(gy.sum(axis=(0, 2, 3))))
