@@ -130,11 +130,6 @@ def _scratch(key, shape, dtype=np.float32):
     return buffer[:size].reshape(shape)
 
 
-def release_scratch():
-    """Let go of this thread's reusable buffers (about twice the largest activation of the last forward pass)."""
-    _local.__dict__.pop('buffers', None)
-
-
 def _padded_rows(x, key=None):
     """(N, C, H, W) -> (C, length) padded rows: see `_layout` (in scratch buffer `key`, if given)."""
     n, c, h, w = x.shape

@@ -149,12 +149,14 @@ class RNN(chainer.Chain):
         h_seq = x
         for layer in range(self.n_layers):
             inputs = F.dropout(h_seq, self.dropout) if self.dropout else h_seq
-            projected = F.reshape(self.upward[layer](F.reshape(inputs, (batch * steps, -1))),
-                                  (batch, steps, -1))
+            # time-major, then split into one contiguous (batch, 4 hidden) array a step: indexing the projection
+            # step by step instead would scatter each step's gradient into a zeroed copy of all of it
+            time_major = F.reshape(F.transpose(inputs, (1, 0, 2)), (steps * batch, -1))
+            projected = F.separate(F.reshape(self.upward[layer](time_major), (steps, batch, -1)), axis=0)
             c, h = self.state[layer]
             outputs = []
             for t in range(steps):
-                gates = projected[:, t] if h is None else projected[:, t] + self.lateral[layer](h)
+                gates = projected[t] if h is None else projected[t] + self.lateral[layer](h)
                 if c is None:
                     c = self.xp.zeros((batch, self.n_hidden), np.float32)
                 c, h = F.lstm(c, gates)
