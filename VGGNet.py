@@ -74,7 +74,8 @@ class VGGTrunk(chainer.Chain):
         h = x.array if isinstance(x, chainer.Variable) else x
         if frozen and self.conv == 'fast' and isinstance(h, np.ndarray) and h.dtype == np.float32:
             import fast_conv
-            h = fast_conv.frozen_layers(h, [(s.W.array, s.b.array) if s else None for s in steps[:frozen]])
+            h = fast_conv.frozen_layers(h, [(s.W.array, s.b.array) if s is not None else None
+                                              for s in steps[:frozen]])
         else:
             with chainer.no_backprop_mode():
                 h = self._run(h, steps[:frozen])
@@ -82,7 +83,7 @@ class VGGTrunk(chainer.Chain):
 
     def _run(self, h, steps):
         for step in steps:
-            h = F.relu(conv_forward(h, step, self.conv)) if step else pool_forward(h, self.conv)
+            h = F.relu(conv_forward(h, step, self.conv)) if step is not None else pool_forward(h, self.conv)
         return h
 
     def fc6_features(self, x, graph_from=None):

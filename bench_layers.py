@@ -39,16 +39,6 @@ print(json.dumps(min(times)))
 '''
 
 
-def best_time(function, repeat):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batch', type=int, default=8)
@@ -60,6 +50,7 @@ def main(argv=None):
     import chainer.functions as F
     import fast_conv
     import bench
+    from bench import best_time
     from VGGNet import CONV_LAYERS
     torch_python = None if args.no_torch else bench.torch_python()
     rng = np.random.RandomState(0)

@@ -2,17 +2,17 @@
 
 Chainer's CPU convolution copies every input pixel nine times into an im2col matrix (about 880 MiB for one VGG16
 layer at batch 8) and spends most of its time moving memory. Here the input is zero-padded once and laid out
-channel by channel as one long row per channel ("padded rows": each image is (H+3) x (W+2), images side by side).
-A shift of the 3x3 window is then an offset into that row, so the input shifted by one tap is a plain strided
-view of it, and the convolution is nine matrix products accumulated in place, (O x C) weights times the (C x
-positions) shifted view, read straight from the padded rows by OpenBLAS (its cblas_sgemm, called with
-beta = 1). Each output row computed this way has two extra columns (the padding), dropped or zeroed afterwards.
-Block by block of positions, so the block being accumulated stays in cache; bias and ReLU are applied to a
-block while it is there.
+channel by channel as one long row per channel ("padded rows", see `_layout`: the images' lines side by side,
+one zero between lines, one line of zeros between images). A shift of the 3x3 window is then an offset into that
+row, so the input shifted by one tap is a plain strided view of it, and the convolution is nine matrix products
+accumulated in place, (O x C) weights times the (C x positions) shifted view, read straight from the padded rows
+by OpenBLAS (its cblas_sgemm, called with beta = 1). Positions whose window straddles a padding compute
+by-products, zeroed afterwards. Block by block of positions, so the block being accumulated stays in cache;
+bias and ReLU are applied to a block while it is there.
 
-Where OpenBLAS's cblas_sgemm cannot be reached (a numpy built on another BLAS) and for inputs of few channels
-(conv1_1: 3), the nine shifted views of a block are stacked into one (9C x block) matrix and multiplied by all
-the weights at once instead.
+Where OpenBLAS's cblas_sgemm cannot be reached (a numpy built on another BLAS), for inputs of few channels
+(conv1_1: 3) and for few positions (14x14 at batch 1), the nine shifted views of a block are stacked into one
+(9C x block) matrix and multiplied by all the weights at once instead.
 
 Two ways in:
 - `convolution_3x3` and `max_pooling_2x2`: Chainer functions, differentiable, the same as F.convolution_2d(x, W,

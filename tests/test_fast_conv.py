@@ -116,3 +116,18 @@ def test_training_below_a_convolution_matches_stock():
         results.append([loss.array, model.conv4_2.W.grad, model.conv5_3.W.grad, model.fc7.W.grad])
     for stock, fast in zip(*results):
         assert np.allclose(stock, fast, rtol=1e-3, atol=1e-4 * np.abs(stock).max())
+
+
+def test_frozen_layers_reuse_their_buffers_safely():
+    """Buffers are reused from call to call (fresh pages cost a fault each); results must not alias them, and
+    a smaller call after a larger one (and back) must not read stale values from the padding."""
+    rng = np.random.RandomState(5)
+    layers = [(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), rng.normal(size=16).astype(np.float32)),
+              (rng.normal(size=(16, 16, 3, 3)).astype(np.float32) / 12, rng.normal(size=16).astype(np.float32)),
+              None]
+    inputs = [rng.normal(0, 10, shape).astype(np.float32) for shape in ((4, 3, 24, 40), (1, 3, 8, 6),
+                                                                           (2, 3, 24, 40))]
+    results = [fast_conv.frozen_layers(x, layers) for x in inputs]
+    for x, got in zip(inputs, results):  # checked after all calls: earlier results were not overwritten
+        expected = stock_layers(x, layers)
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
