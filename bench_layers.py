@@ -20,11 +20,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-# (in channels, out channels, size) of conv1_1 ... conv5_3
-LAYERS = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56),
-          (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 28), (512, 512, 14), (512, 512, 14),
-          (512, 512, 14)]
-
 TORCH_LAYER = r'''
 import json, sys, time, torch
 c, o, s, batch, repeat = map(int, sys.argv[1:6])
@@ -50,8 +45,13 @@ def main(argv=None):
     import chainer.functions as F
     import fast_conv
     import bench
-    from bench import best_time
-    from VGGNet import CONV_LAYERS
+    from VGGNet import BLOCKS, CONV_LAYERS, WIDTHS
+    layers, channels, size = [], 3, 224  # (in channels, out channels, size) of conv1_1 ... conv5_3
+    for width, n in zip(WIDTHS, BLOCKS):
+        for _ in range(n):
+            layers.append((channels, width, size))
+            channels = width
+        size //= 2
     torch_python = None if args.no_torch else bench.torch_python()
     rng = np.random.RandomState(0)
     names = ['fast_conv'] + ([] if args.no_stock else ['stock']) + (['PyTorch'] if torch_python else [])
@@ -59,7 +59,7 @@ def main(argv=None):
     print(f'batch {args.batch}; ms and GFLOP/s per layer (conv + ReLU)')
     print('layer   channels size | ' + ' | '.join(f'{n:>17}' for n in names))
     gflop_total = 0
-    for i, (c, o, s) in enumerate(LAYERS):
+    for layer, (c, o, s) in zip(CONV_LAYERS, layers):
         x = rng.normal(0, 1, (args.batch, c, s, s)).astype(np.float32)
         W = (rng.normal(size=(o, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
         b = rng.normal(0, 0.1, o).astype(np.float32)
@@ -75,18 +75,18 @@ def main(argv=None):
         def stock():
             with chainer.no_backprop_mode():
                 F.relu(F.convolution_2d(x, W, b, pad=1))
-        seconds = {'fast_conv': best_time(fast, args.repeat)}
+        seconds = {'fast_conv': bench.best_time(fast, args.repeat)}
         if 'stock' in names:
-            seconds['stock'] = best_time(stock, args.repeat)
+            seconds['stock'] = bench.best_time(stock, args.repeat)
         if torch_python:
             result = subprocess.run([torch_python, '-c', TORCH_LAYER, str(c), str(o), str(s), str(args.batch),
                                      str(args.repeat)], capture_output=True, text=True, check=True)
             seconds['PyTorch'] = json.loads(result.stdout)
         for name, t in seconds.items():
             totals[name] += t
-        print(f'{CONV_LAYERS[i]:<7} {c:>3}->{o:<3} {s:>3} | '
+        print(f'{layer:<7} {c:>3}->{o:<3} {s:>3} | '
               + ' | '.join(f'{seconds[n] * 1e3:7.1f} ms {gflop / seconds[n]:4.0f} GF' for n in names), flush=True)
-    print('all 13                | ' + ' | '.join(f'{totals[n] * 1e3:7.0f} ms {gflop_total / totals[n]:4.0f} GF'
+    print(f'all {len(layers)}                | ' + ' | '.join(f'{totals[n] * 1e3:7.0f} ms {gflop_total / totals[n]:4.0f} GF'
                                              for n in names))
 
 

