@@ -45,13 +45,14 @@ def confusion_counts(labels, scores):
 
 
 def most_confused(counts, classes, n=10):
-    """[(true class, predicted class, fraction of the true class's clips, count)], most frequent first."""
+    """[(true class, predicted class, fraction of the true class's clips, count)], most frequent first: at most n
+    pairs, only real confusions (a class is never listed as confused with itself; fewer if fewer exist)."""
     totals = np.maximum(counts.sum(axis=1, keepdims=True), 1)
     off = counts.astype(np.float64) / totals
     np.fill_diagonal(off, 0)
-    order = np.argsort(off, axis=None)[::-1][:n]
-    pairs = [np.unravel_index(i, off.shape) for i in order]
-    return [(classes[t], classes[p], float(off[t, p]), int(counts[t, p])) for t, p in pairs if counts[t, p] > 0]
+    true, predicted = np.nonzero(off)
+    order = np.lexsort((-counts[true, predicted], -off[true, predicted]))[:n]
+    return [(classes[t], classes[p], float(off[t, p]), int(counts[t, p])) for t, p in zip(true[order], predicted[order])]
 
 
 def save_confusion(counts, classes, prefix, title):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from helperFunctions import usable_cpus
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +33,7 @@ def step(title, *command, cwd):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', '-o', default='demo', help='folder for everything the demo writes')
-    p.add_argument('--jobs', '-j', type=int, default=os.cpu_count())
+    p.add_argument('--jobs', '-j', type=int, default=usable_cpus())
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     work, j = args.out, str(args.jobs)

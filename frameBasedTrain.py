@@ -21,8 +21,8 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import (DataError, NO_AUGMENTATION, VideoError, check_clips_on_disk, device_from_arg,
                              exit_on_user_error, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_frame, read_frames, read_split, resume_trainer, video_info,
-                             warn)
+                             read_class_index, read_frame, read_frames, read_split, resume_trainer, usable_cpus,
+                             video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -31,9 +31,9 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     """Example i: one frame of clip i, preprocessed, and the clip's label.
 
     train=True draws a random frame and random augmentations each time; train=False takes the middle frame
-    unaugmented (a fixed evaluation set). Frames are read by seeking (helperFunctions.read_frame), never by
-    decoding the clip from its start. A clip that cannot be read is reported once and replaced by another clip
-    of the same class, so one bad file cannot stop a long run.
+    unaugmented (a fixed evaluation set). helperFunctions.read_frame returns exactly the frame that sequential
+    decoding shows at that index, whatever the encoding (B-frames in AVI included). A clip that cannot be read is
+    reported once and replaced by another clip of the same class, so one bad file cannot stop a long run.
     """
 
     def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False,
@@ -78,7 +78,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         else:
             if i not in self.info:
                 self.info[i] = video_info(path)
-            count = self.info[i].frames
+            count = self.info[i].stored
         # The last frame of a UCF-101 clip is often corrupt: draw from the others.
         last = max(count - 2, 0)
         index = self.rng.randint(0, last + 1) if self.train else last // 2
@@ -190,8 +190,9 @@ def parse_args(argv=None):
     p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
                    help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
                         "Chainer's own either way); stock: Chainer's own")
-    p.add_argument('--loaderjob', '-j', type=int, default=os.cpu_count(),
-                   help='frame-loading processes (0: load in the training process)')
+    p.add_argument('--loaderjob', '-j', type=int, default=usable_cpus(),
+                   help='frame-loading processes (0: load in the training process); default: the CPUs this job '
+                        'may use (its Slurm/PBS cpuset), %(default)s here')
     p.add_argument('--cache-mb', type=int, default=0,
                    help='keep decoded clips in memory up to this size, per loading process (small data sets)')
     p.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')

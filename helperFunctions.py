@@ -22,7 +22,9 @@ from PIL import Image
 # Caffe's ImageNet mean, in the BGR order the VGG16 weights were trained with.
 MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
-CLIP_NAME = re.compile(r'^v_(?P<cls>.+)_g(?P<group>\d+)_c(?P<clip>\d+)\.avi$', re.IGNORECASE)
+CLIP_NAME = re.compile(r'^v_(?P<cls>.+)_g(?P<group>\d+)_c(?P<clip>\d+)(?P<ext>\.[^./]+)$', re.IGNORECASE)
+# Containers a UCF-layout collection may hold (UCF-101 itself is all .avi; re-encoded and downloaded sets are not).
+VIDEO_EXTENSIONS = ('.avi', '.mp4', '.m4v', '.mkv', '.webm', '.mov', '.mpg', '.mpeg', '.wmv', '.flv', '.ogv')
 
 Clip = collections.namedtuple('Clip', 'path label')  # path relative to the data root, 0-based label
 
@@ -66,14 +68,21 @@ def read_class_index(list_dir):
 def _parse_clip(path, number, rel, classes):
     folder, _, name = rel.partition('/')
     if not name or '/' in name:
-        raise DataError(f'{path}:{number}: expected "<Class>/v_<Class>_gGG_cCC.avi", got {rel!r}')
+        raise DataError(f'{path}:{number}: expected "<Class>/v_<Class>_gGG_cCC.avi" (or another container), '
+                        f'got {rel!r}')
     if folder not in classes:
         raise DataError(f'{path}:{number}: class folder {folder!r} is not in classInd.txt; '
                         'are the lists and classInd.txt from the same release?')
     m = CLIP_NAME.match(name)
+    if not m:
+        raise DataError(f'{path}:{number}: clip name {name!r} is not of the form v_<Class>_gGG_cCC.<ext>')
+    if m.group('ext').lower() not in VIDEO_EXTENSIONS:
+        raise DataError(f'{path}:{number}: clip {name!r} has extension {m.group("ext")!r}, which is not a video '
+                        f'container this pipeline reads ({" ".join(VIDEO_EXTENSIONS)})')
     # UCF-101 itself names the files of folder HandstandPushups "v_HandStandPushups_*": compare without case.
-    if not m or m.group('cls').lower() != folder.lower():
-        raise DataError(f'{path}:{number}: clip name {name!r} does not match its folder {folder!r}')
+    if m.group('cls').lower() != folder.lower():
+        raise DataError(f'{path}:{number}: clip {name!r} is named for class {m.group("cls")!r} but listed in '
+                        f'folder {folder!r}')
     return classes.index(folder)
 
 
@@ -133,7 +142,15 @@ def check_clips_on_disk(data_root, clips, allow_missing=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Video decoding (imageio-ffmpeg's bundled ffmpeg; one process per clip, frames streamed through a pipe)
+# Video decoding (PyAV: FFmpeg's libraries in this process)
+#
+# The frames of a clip are, by definition, what decoding it from its first packet yields, in that order
+# (iter_frames). Random access (read_frame) must return exactly those frames. AVI stores no presentation
+# timestamps for reordered (B-) frames, so a timestamp seek cannot be trusted there: an AVI clip is decoded from
+# its start, converting only the frame asked for (decoding alone runs at ~13,000 frames/s at 320x240). Containers
+# that time-stamp every frame (MP4/MOV, Matroska/WebM) are entered at the keyframe before the frame and decoded up
+# to the frame whose timestamp is the one sequential decoding shows at that index; anything unexpected falls back
+# to decoding from the start.
 # ----------------------------------------------------------------------------------------------------------
 
 class VideoError(DataError):
@@ -142,93 +159,177 @@ class VideoError(DataError):
         self.path, self.reason = path, reason
 
 
-def _ffmpeg():
-    import imageio_ffmpeg
-    return imageio_ffmpeg.get_ffmpeg_exe()
+# Containers whose demuxer gives every video packet its own presentation timestamp.
+_TIMESTAMPED_FORMATS = {'mov', 'mp4', 'matroska', 'webm'}
+
+# width, height, fps; stored: the video packets the file holds (what decoding it should yield); frames: the count
+# the container claims: `stored`, or the header's count where the file holds less than it promises; truncated:
+# the file holds less than its container promises (cut short or broken off); seek: a _SeekIndex, or None where
+# random access decodes from the start.
+VideoInfo = collections.namedtuple('VideoInfo', 'width height fps frames stored truncated seek')
+# pts: presentation timestamps in display order (index i -> pts[i]); key_pts/key_dts: the keyframes, by pts.
+_SeekIndex = collections.namedtuple('_SeekIndex', 'pts key_pts key_dts')
 
 
-_INFO = re.compile(r'Stream #.*?Video: .*?, (?P<w>\d+)x(?P<h>\d+)')
-_FPS = re.compile(r'(?P<fps>[\d.]+) fps')
-_TBR = re.compile(r'(?P<fps>[\d.]+)k? tbr')
-_DURATION = re.compile(r'Duration: (?P<h>\d+):(?P<m>\d+):(?P<s>[\d.]+)')
+def _av_reason(error):
+    """The most telling part of a PyAV error: FFmpeg's own last error line (e.g. 'moov atom not found')."""
+    text = str(error)
+    detail = text.split('last error log:', 1)[1].strip() if 'last error log:' in text else ''
+    detail = re.sub(r'^\[[^]]*\]\s*', '', detail)
+    return f'{error.strerror}: {detail}' if detail and getattr(error, 'strerror', None) else (
+        detail or getattr(error, 'strerror', None) or text)
 
-VideoInfo = collections.namedtuple('VideoInfo', 'width height fps frames')
+
+def _open_failure(path):
+    """Why FFmpeg cannot open a file, in its own words: open it again with its error log switched on (FFmpeg's
+    log stays off otherwise, so that damaged clips do not flood a job's log)."""
+    import av
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture() as logs:
+            try:
+                av.open(path).close()
+                return 'it opens on a second try'
+            except av.error.FFmpegError as e:
+                error = e
+    finally:
+        av.logging.set_level(previous)
+    lines = [message.strip() for level, _, message in logs if level <= av.logging.ERROR and message.strip()]
+    return f'{error.strerror}: {lines[-1]}' if lines else _av_reason(error)
+
+
+def _open_video(path):
+    import av
+    if not os.path.isfile(path):
+        raise VideoError(path, 'file not found')
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError:
+        raise VideoError(path, f'not a readable video ({_open_failure(path)})') from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(path, 'holds no video stream')
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # loaders run one per core already; frame threads only add latency per clip
+    return container, stream
+
+
+def _avi_header(path):
+    """(RIFF size says the file is longer than it is, dwTotalFrames of the main header) for an AVI, else None."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if head[:4] != b'RIFF' or head[8:12] != b'AVI ':
+        return None
+    riff_end = 8 + struct.unpack_from('<I', head, 4)[0]
+    at = head.find(b'avih')
+    total = struct.unpack_from('<I', head, at + 8 + 16)[0] if 0 < at and len(head) >= at + 8 + 20 else 0
+    return os.path.getsize(path) < riff_end, total
 
 
 def video_info(path):
-    """Size, frame rate and the frame count the container claims, read from the header (no decoding)."""
-    if not os.path.isfile(path):
-        raise VideoError(path, 'file not found')
-    proc = subprocess.run([_ffmpeg(), '-hide_banner', '-nostdin', '-i', path], capture_output=True, text=True,
-                          errors='replace')
-    video = _INFO.search(proc.stderr)
-    if not video:
-        last = proc.stderr.strip().splitlines()[-1:] or ['no output']
-        raise VideoError(path, f'not a readable video ({last[0]})')
-    line = proc.stderr[video.start():].splitlines()[0]
-    rate = _FPS.search(line) or _TBR.search(line)
-    fps = float(rate.group('fps')) if rate else 25.0
-    duration = _DURATION.search(proc.stderr)
-    seconds = (int(duration.group('h')) * 3600 + int(duration.group('m')) * 60 + float(duration.group('s'))
-               if duration else 0.0)
-    return VideoInfo(int(video.group('w')), int(video.group('h')), fps, int(round(seconds * fps)))
+    """Size, frame rate and frame count of a clip from its container, by reading its packets (no decoding).
+
+    The count is the number of video packets, not duration x fps (which audio longer than the video, or a
+    variable frame rate, inflates). A file that holds less than its container promises claims what its header
+    promised, so that callers can report it as truncated: an AVI whose RIFF size runs past the end of the file,
+    an MP4 whose sample table lists more samples than it holds, a container that breaks off. An AVI header's own
+    frame count is not evidence: muxers count B-frame delay and N-VOPs they never store (ffmpeg's libxvid
+    writer over-states packed clips by 3-5 frames).
+    """
+    import av
+    container, stream = _open_video(path)
+    with container:
+        pts, keys, count, chunks, demux_error = [], [], 0, 0, None
+        try:
+            for packet in container.demux(stream):
+                if packet.dts is None and packet.pts is None:  # the demuxer's end-of-stream marker
+                    continue
+                chunks += 1
+                if packet.size == 0:  # an AVI 'drop frame' chunk: timing only
+                    continue
+                if packet.is_discard:  # before an MP4 edit list's start: decoded, never shown
+                    continue
+                count += 1
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    keys.append((packet.pts, packet.dts))
+        except av.error.FFmpegError as e:
+            demux_error = _av_reason(e)
+        context = stream.codec_context
+        if not context.width or not context.height:
+            raise VideoError(path, 'not a readable video (no frame size in its header)')
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        avi = _avi_header(path)
+        declared = stream.frames or (avi[1] if avi else 0)
+        truncated = bool(demux_error) or (avi[0] if avi else declared > chunks)
+        frames = max(count, declared) if truncated else count
+        seek = None
+        if (_TIMESTAMPED_FORMATS & set(container.format.name.split(',')) and keys and None not in pts
+                and len(set(pts)) == len(pts)):
+            keys = sorted(keys)
+            seek = _SeekIndex(np.sort(np.array(pts, np.int64)), np.array([k[0] for k in keys], np.int64),
+                              [k[1] for k in keys])
+        return VideoInfo(context.width, context.height, float(rate) if rate else 25.0, frames, count, truncated,
+                         seek)
 
 
 def header_frame_count(path):
-    """Frame count from an AVI's main header (microseconds, no ffmpeg); other containers are probed with ffmpeg.
+    """Frame count from an AVI's main header (microseconds, no decoding); other containers are probed.
 
     Used to balance extraction shards by frames, so it must be cheap for 13,320 clips.
     """
     try:
-        with open(path, 'rb') as f:
-            head = f.read(4096)
-        at = head.find(b'avih')
-        if head[:4] == b'RIFF' and head[8:12] == b'AVI ' and at > 0 and len(head) >= at + 8 + 20:
-            return struct.unpack_from('<I', head, at + 8 + 16)[0]  # dwTotalFrames, the 5th DWORD of avih
+        avi = _avi_header(path)
     except OSError:
         return 0
+    if avi and avi[1]:
+        return avi[1]
     try:
         return video_info(path).frames
     except VideoError:
         return 0
 
 
-def iter_frames(path, start=0.0, count=None, info=None):
-    """Decode a clip as HxWx3 uint8 RGB frames, from the first frame shown at or after `start` seconds.
-
-    ffmpeg stops at the first undecodable packet, so a truncated file silently yields fewer frames; callers
-    compare with video_info().frames where that matters.
-    """
-    if not os.path.isfile(path):
-        raise VideoError(path, 'file not found')
-    info = info or video_info(path)
-    cmd = [_ffmpeg(), '-hide_banner', '-nostdin', '-loglevel', 'error']
-    select = []
-    if start > 0:
-        # Input seeking jumps to the keyframe before and decodes from there. Its own cut-off rounds timestamps
-        # (it picked the previous frame at 29.97 fps), so seek a little early and select on the exact
-        # timestamps, which -copyts keeps.
-        cmd += ['-ss', f'{max(0.0, start - 2.0 / info.fps):.6f}', '-copyts']
-        select = ['-vf', f'select=gte(t\\,{start:.6f})']
-    # passthrough: every decoded frame exactly once, never duplicated or dropped to fit a constant rate
-    cmd += ['-i', path, '-map', '0:v:0', '-an', *select, '-fps_mode', 'passthrough', '-f', 'rawvideo',
-            '-pix_fmt', 'rgb24']
-    if count is not None:
-        cmd += ['-frames:v', str(count)]
-    cmd += ['-']
-    size = info.width * info.height * 3
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=size)
+def _decode(container, stream):
+    """Every frame the decoder yields from the current position, as FFmpeg's command line yields them: a packet
+    that does not decode is passed over (the decoder conceals what it can), a container that breaks off ends
+    the clip with what decoded so far."""
+    import av
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError:
+            break
+        if packet.size == 0:
+            continue
+        try:
+            yield from stream.decode(packet)
+        except av.error.FFmpegError:
+            continue
     try:
-        while True:
-            buf = proc.stdout.read(size)
-            if len(buf) < size:
-                break
-            yield np.frombuffer(buf, np.uint8).reshape(info.height, info.width, 3)
-    finally:
-        proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        yield from stream.decode(None)
+    except av.error.FFmpegError:
+        pass
+
+
+def _rgb(frame):
+    return frame.to_ndarray(format='rgb24')
+
+
+def iter_frames(path):
+    """Decode a clip from its start as HxWx3 uint8 RGB frames: every frame the decoder yields, in order.
+
+    A truncated or damaged file yields fewer frames than video_info().frames; callers compare where that
+    matters.
+    """
+    container, stream = _open_video(path)
+    with container:
+        for frame in _decode(container, stream):
+            yield _rgb(frame)
 
 
 def read_frames(path):
@@ -239,19 +340,45 @@ def read_frames(path):
     return np.stack(frames)
 
 
-def read_frame(path, index, info=None):
-    """Frame `index` of a clip by seeking, without decoding the clip from its start.
+def _seek_frame(container, stream, seek, index):
+    """Frame `index` by entering at the keyframe before it, or None where that cannot be done exactly."""
+    target = seek.pts[index]
+    k = int(np.searchsorted(seek.key_pts, target, side='right')) - 1
+    if k < 0:
+        return None
+    entry = seek.key_dts[k] if seek.key_dts[k] is not None else int(seek.key_pts[k])
+    container.seek(int(entry), stream=stream, backward=True, any_frame=False)
+    for frame in _decode(container, stream):
+        if frame.pts is None or frame.pts > target:
+            return None  # entered after the frame, or the decoder dropped it: not what sequential decoding shows
+        if frame.pts == target:
+            return frame
+    return None
 
-    The clip is probed once (pass `info` to skip that). If the seek lands past the last decodable frame
-    (a header that over-states the length), the clip's last decodable frame is returned instead.
+
+def read_frame(path, index, info=None):
+    """Frame `index` of a clip, bit-identical to iter_frames(path)'s frame `index`.
+
+    The clip is probed once (pass `info` to skip that). An index past the last decodable frame (a header that
+    over-states the length) returns the clip's last decodable frame.
     """
     info = info or video_info(path)
-    # Half a frame early, so that the rounding of timestamps cannot skip the frame asked for.
-    start = (index - 0.5) / info.fps if index > 0 else 0.0
-    for frame in iter_frames(path, start=start, count=1, info=info):
-        return frame
-    frames = read_frames(path)
-    return frames[min(index, len(frames) - 1)]
+    if info.seek is not None and 0 <= index < len(info.seek.pts):
+        container, stream = _open_video(path)
+        with container:
+            frame = _seek_frame(container, stream, info.seek, index)
+            if frame is not None:
+                return _rgb(frame)
+    container, stream = _open_video(path)
+    with container:
+        last = None
+        for n, frame in enumerate(_decode(container, stream)):
+            last = frame
+            if n == index:
+                break
+        if last is None:
+            raise VideoError(path, 'no frame could be decoded')
+        return _rgb(last)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,6 +563,14 @@ def exit_on_user_error():
         what = e.filename or 'output'
         sys.exit(f'error: {what}: {e.strerror or e} (errno {e.errno}). Check the path, free some space or choose '
                  'another output folder, then rerun; no incomplete file was kept under a final name.')
+
+
+def usable_cpus():
+    """The CPUs this process may run on: a Slurm/PBS cpuset or taskset, not the whole node (os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def warn(message):

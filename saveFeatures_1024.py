@@ -7,10 +7,11 @@ writes UCF-101_features/<Class>/<clip>.npy (frames x 1024) and UCF-101_framePred
 the clips by frame count (read from the AVI headers), so 12 jobs take about equally long.
 
 Every file is written under a temporary name and renamed when whole, so a job killed at its walltime leaves
-nothing half-written; a rerun skips the clips that are done. A clip that cannot be decoded is skipped, one that
-decodes to fewer frames than its header claims is kept; both are listed with the reason in
-extraction_logs/failures_shard_KK_of_NN.tsv. ffmpeg's decoder yields every frame it can; the last frame of a
-UCF-101 clip is often broken, so one frame short of the header's count is expected and not reported.
+nothing half-written; a rerun skips the clips that are done. A clip that cannot be decoded is skipped; one that
+is cut short (its container promises more than it holds) or whose packets do not all decode is kept with the
+frames that did; both are listed with the reason in extraction_logs/failures_shard_KK_of_NN.tsv. The decoder
+yields every frame it can; the last frame of a UCF-101 clip is often broken, so one frame short of the packets a
+file holds is expected and not reported.
 """
 import argparse
 import csv
@@ -102,7 +103,7 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
         try:
             info = video_info(path)
             claimed, batch = info.frames, []
-            for frame in iter_frames(path, info=info):
+            for frame in iter_frames(path):
                 batch.append(preprocess_frame(frame, insize))
                 read += 1
                 if len(batch) == batchsize:
@@ -110,8 +111,16 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
                     batch = []
             if batch:
                 out.put(('batch', clip, np.stack(batch)))
-            out.put(('end', clip, read, claimed, '') if read else
-                    ('fail', clip, 0, claimed, 'no frame could be decoded'))
+            if not read:
+                out.put(('fail', clip, 0, claimed, 'no frame could be decoded'))
+            elif info.truncated:
+                out.put(('end', clip, read, claimed, f'decoded {read} of the {claimed} frames its container promises: '
+                                                     'the file is cut short (an interrupted copy or download?)'))
+            elif read < info.stored - 1:
+                out.put(('end', clip, read, claimed, f'decoded {read} of the {info.stored} frames the file holds: '
+                                                     'the others do not decode (damaged data)'))
+            else:
+                out.put(('end', clip, read, claimed, ''))
         except VideoError as e:
             out.put(('fail', clip, read, claimed, e.reason))
         except Exception as e:  # a decoder surprise must not end a 2-hour job: report the clip and go on
@@ -179,10 +188,9 @@ def extract_shard(args):
             feature_path, prediction_path = output_paths(clip, args.features_dir, args.predictions_dir)
             save_npy_atomic(prediction_path, prob.astype(np.float32))
             save_npy_atomic(feature_path, feature.astype(np.float32))
-            if read < claimed - 1:
+            if reason:
                 counts['partial'] += 1
-                failures.record(clip.path, 'kept-partial', read, claimed,
-                                f'decoded {read} of the {claimed} frames its header claims (truncated?)')
+                failures.record(clip.path, 'kept-partial', read, claimed, reason)
             else:
                 counts['complete'] += 1
                 failures.forget(clip.path)
@@ -215,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument('--num-shards', type=int, default=12)
     p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
     p.add_argument('--batchsize', '-b', type=int, default=32, help='frames per forward pass')
-    p.add_argument('--loaderjob', '-j', type=int, default=2, help='decoding threads (each runs one ffmpeg)')
+    p.add_argument('--loaderjob', '-j', type=int, default=2, help='decoding threads (FFmpeg decodes outside the GIL)')
     p.add_argument('--prefetch', type=int, default=8, help='decoded batches allowed to wait for the network')
     p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
                    help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "

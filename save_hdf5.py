@@ -50,8 +50,15 @@ def check_complete(clips, folder, log_dir, skip_missing, what):
         message = (f'{len(missing)} of {len(clips)} clips have no {what} file in {folder}/:\n'
                    + '\n'.join(lines) + more)
         if not skip_missing:
-            raise DataError(message + '\nRerun the missing shards (./saveFeatures.sh; done clips are skipped), '
-                                      'or pass --skip-missing to pack without them.')
+            unreadable = sum(reasons.get(c.path, '').startswith('skipped') for c in missing)
+            advice = []
+            if unreadable:
+                advice.append(f'{unreadable} of them could not be decoded: a rerun will not change that; replace '
+                              'those files (extract them again from UCF101.rar) and rerun their shards.')
+            if unreadable < len(missing):
+                advice.append(f'{len(missing) - unreadable} have no file yet: rerun the missing shards '
+                              '(./saveFeatures.sh; done clips are skipped).')
+            raise DataError(message + '\n' + '\n'.join(advice) + '\nOr pass --skip-missing to pack without them.')
         warn(message + '\npacking without them (--skip-missing)')
     return present
 

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from helperFunctions import atomic_path
+from helperFunctions import atomic_path, usable_cpus, video_info
 
 # (direction -1, direction +1): the second member's motion runs forward through the cycle, the first backward.
 MOTIONS = [('SlideLeft', 'SlideRight'), ('Shrink', 'Grow'), ('SpinCounterClockwise', 'SpinClockwise'),
@@ -30,6 +30,7 @@ APPEARANCES = ['HandstandPushups', 'Archery', 'Basketball', 'Bowling', 'Drumming
                'Typing', 'YoYo', 'Billiards', 'Diving']
 FILE_PREFIX = {'HandstandPushups': 'HandStandPushups'}
 SHAPES = ['disk', 'square', 'ring', 'cross']
+CODECS = ('libxvid', 'mpeg4')
 
 
 def class_specs(n_classes, n_pairs=None):
@@ -99,26 +100,32 @@ def render_clip(name, family, direction, n_families, n_frames, width, height, rn
     return frames
 
 
-def write_avi(path, frames, fps, codec='libxvid', quality=3):
-    """Encode frames as an MPEG-4 part 2 AVI (XVID, like UCF-101), atomically."""
+def write_avi(path, frames, fps, codec='libxvid', quality=3, b_frames=2):
+    """Encode frames as an MPEG-4 part 2 AVI with B-frames (tag XVID, like UCF-101), atomically; returns the number
+    of frames the file holds.
+
+    libxvid stores B-frames "packed" (DivX-style, as many UCF-101 clips do), and ffmpeg's libxvid wrapper never
+    writes the last two frames of such a clip; ffmpeg's own mpeg4 encoder stores them unpacked and keeps all.
+    """
     import imageio_ffmpeg
     height, width = frames.shape[1:3]
     with atomic_path(path) as tmp:
         writer = imageio_ffmpeg.write_frames(
             tmp, (width, height), fps=fps, codec=codec, quality=None, macro_block_size=1,
-            output_params=['-qscale:v', str(quality), '-g', '12', '-vtag', 'XVID'], ffmpeg_log_level='error')
+            output_params=['-qscale:v', str(quality), '-g', '12', '-bf', str(b_frames), '-vtag', 'XVID'],
+            ffmpeg_log_level='error')
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
+        return video_info(tmp).stored
 
 
 def _write_clip(job):
     root, rel, name, family, direction, n_families, n_frames, fps, width, height, seed, codec = job
     rng = np.random.RandomState(seed)
     frames = render_clip(name, family, direction, n_families, n_frames, width, height, rng)
-    write_avi(os.path.join(root, rel), frames, fps, codec)
-    return rel, n_frames
+    return rel, write_avi(os.path.join(root, rel), frames, fps, codec)
 
 
 def write_lists(list_dir, classes, clips):
@@ -138,8 +145,11 @@ def write_lists(list_dir, classes, clips):
 
 
 def make_dataset(out, n_classes=8, n_pairs=None, groups=25, clips_per_group=(1, 2), frames=(40, 160),
-                 width=320, height=240, seed=0, jobs=None, codec='libxvid'):
-    """Write the dataset under `out`; returns {relative clip path: number of frames}."""
+                 width=320, height=240, seed=0, jobs=None, codec='mixed'):
+    """Write the dataset under `out`; returns {relative clip path: number of frames it holds}.
+
+    codec 'mixed' alternates libxvid (packed B-frames) and ffmpeg's mpeg4 (unpacked B-frames) clip by clip.
+    """
     specs = class_specs(n_classes, n_pairs)
     n_families = max(f for _, f, _ in specs) + 1
     rng = np.random.RandomState(seed)
@@ -154,8 +164,9 @@ def make_dataset(out, n_classes=8, n_pairs=None, groups=25, clips_per_group=(1, 
                 fps = float(rng.choice([25.0, 29.97]))
                 clips.append((rel, label, group))
                 jobs_list.append((data_root, rel, name, family, direction, n_families, n_frames, fps, width, height,
-                                  int(rng.randint(2 ** 31)), codec))
-    with multiprocessing.Pool(jobs or os.cpu_count()) as pool:
+                                  int(rng.randint(2 ** 31)),
+                                  CODECS[len(jobs_list) % len(CODECS)] if codec == 'mixed' else codec))
+    with multiprocessing.Pool(jobs or usable_cpus()) as pool:
         written = dict(pool.imap_unordered(_write_clip, jobs_list, chunksize=4))
     write_lists(os.path.join(out, 'ucfTrainTestlist'), [s[0] for s in specs], clips)
     return written
@@ -173,8 +184,10 @@ def main(argv=None):
     p.add_argument('--width', type=int, default=320)
     p.add_argument('--height', type=int, default=240)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--jobs', '-j', type=int, default=None, help='encoding processes (default: all cores)')
-    p.add_argument('--codec', default='libxvid', help="ffmpeg encoder ('libxvid' or 'mpeg4')")
+    p.add_argument('--jobs', '-j', type=int, default=None,
+                   help='encoding processes (default: the cores this process may use)')
+    p.add_argument('--codec', default='mixed', choices=('mixed', *CODECS),
+                   help='libxvid: packed B-frames; mpeg4: unpacked B-frames; mixed: both, clip by clip')
     args = p.parse_args(argv)
     if args.groups < 21:
         p.error('--groups must be at least 21: the three splits test groups 1-7, 8-14 and 15-21')

@@ -146,7 +146,8 @@ def test_packing_refuses_missing_clips(tiny_ucf, extracted, tmp_path, capsys):
     shutil.copytree(extracted, work)
     victim = sorted(npy_files(work / 'UCF-101_features'))[0]
     os.unlink(work / 'UCF-101_features' / victim)
-    with pytest.raises(SystemExit, match=r'(?s)1 of \d+ clips have no features file.*' + victim[:-4]):
+    with pytest.raises(SystemExit, match=r'(?s)1 of \d+ clips have no features file.*' + victim[:-4]
+                       + '.*1 have no file yet: rerun the missing shards'):
         save_hdf5.main(pack_args(tiny_ucf, str(work), tmp_path))
     assert not list(tmp_path.glob('*.hdf5'))  # nothing written
     save_hdf5.main(pack_args(tiny_ucf, str(work), tmp_path, '--skip-missing'))
@@ -189,3 +190,11 @@ def test_single_frame_accuracy(packed, tmp_path, capsys):
     with pytest.raises(SystemExit, match='not per-frame predictions'):
         singleFrameAccuracy.main(['--predictions', str(packed / 'test1024.hdf5'), '--results',
                                   str(tmp_path / 'x.npz')])
+
+
+def test_most_confused_lists_only_real_confusions():
+    import confusion
+    counts = np.array([[5, 0, 1], [0, 4, 0], [2, 0, 3]])
+    pairs = confusion.most_confused(counts, ['A', 'B', 'C'], n=10)
+    assert [(t, p, c) for t, p, _, c in pairs] == [('C', 'A', 2), ('A', 'C', 1)]
+    assert confusion.most_confused(np.diag([3, 4]), ['A', 'B']) == []

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from helperFunctions import DataError, check_clips_on_disk, clip_group, read_class_index, read_split
+from helperFunctions import DataError, check_clips_on_disk, clip_group, clip_stem, read_class_index, read_split
 
 
 def test_real_class_index(real_lists):
@@ -44,7 +44,9 @@ def write_lists(folder, classind, trainlist, testlist='A/v_A_g01_c01.avi\n'):
     ('1 A\r\n2 B\r\n', 'A/v_A_g08_c01.avi\r\n', 'trainlist01.txt:1: expected'),
     ('1 A\n2 B\n', 'A/v_A_g08_c01.avi 1\nC/v_C_g08_c01.avi 1\n', "trainlist01.txt:2: class folder 'C'"),
     ('1 A\n2 B\n', 'A/v_A_g08_c01.avi 2\n', "index 2 is class 'B'"),
-    ('1 A\n2 B\n', 'A/v_B_g08_c01.avi 1\n', 'does not match its folder'),
+    ('1 A\n2 B\n', 'A/v_B_g08_c01.avi 1\n', "named for class 'B' but listed in folder 'A'"),
+    ('1 A\n2 B\n', 'A/v_A_g08_c01.txt 1\n', "extension '.txt', which is not a video container"),
+    ('1 A\n2 B\n', 'A/A_g08_c01.avi 1\n', 'is not of the form v_<Class>_gGG_cCC'),
     ('1 A\n3 B\n', 'A/v_A_g08_c01.avi 1\n', 'without gaps'),
     ('1 A\n2\n', 'A/v_A_g08_c01.avi 1\n', 'classInd.txt:2: expected'),
     ('1 A\n2 B\n', 'A/v_A_g08_c01.avi 1\nA/v_A_g08_c01.avi 1\n', 'listed twice'),
@@ -60,6 +62,14 @@ def test_crlf_and_lf_read_the_same(tmp_path):
     crlf = write_lists(tmp_path / 'crlf', '1 A\r\n2 B\r\n', 'A/v_A_g08_c01.avi 1\r\nB/v_B_g09_c02.avi 2\r\n')
     assert read_split(lf, 1, 'train') == read_split(crlf, 1, 'train')
     assert [c.label for c in read_split(lf, 1, 'train')] == [0, 1]
+
+
+@pytest.mark.parametrize('extension', ['.avi', '.mp4', '.mkv', '.webm', '.mov', '.MP4'])
+def test_lists_may_name_any_video_container(tmp_path, extension):
+    folder = write_lists(tmp_path, '1 A\n2 B\n', f'A/v_A_g08_c01{extension} 1\nB/v_B_g09_c02.avi 2\n')
+    clips = read_split(folder, 1, 'train')
+    assert [c.path for c in clips] == [f'A/v_A_g08_c01{extension}', 'B/v_B_g09_c02.avi']
+    assert clip_stem(clips[0].path) == 'A/v_A_g08_c01' and clip_group(clips[0].path) == 8
 
 
 def test_missing_split_file_says_how_to_fix(tmp_path):
