@@ -20,6 +20,7 @@ from helperFunctions import DataError, atomic_path, exit_on_user_error
 
 CONV_LAYERS = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
+FC_LAYERS = ['fc6', 'fc7', 'fc8']
 BLOCKS = [2, 2, 3, 3, 3]          # convolutions per block, each block ends in 2x2 max pooling
 WIDTHS = (64, 128, 256, 512, 512)  # channels per block in the real VGG16
 HOW_TO_GET = ('Make it with `python VGGNet.py --from-caffemodel VGG_ILSVRC_16_layers.caffemodel` '
@@ -110,18 +111,42 @@ class VGGNet(VGGTrunk):
 # VGG.model: an npz of the link parameters ('conv1_1/W', ...) plus 'provenance' saying where they came from
 # ----------------------------------------------------------------------------------------------------------
 
+def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None):
+    """{parameter name: shape} of VGG16 for these sizes (fc7_size: VGGNet_1024's narrower fc7)."""
+    shapes, channels = {}, 3
+    for block, (count, width) in enumerate(zip(BLOCKS, widths)):
+        for i in range(count):
+            shapes[f'conv{block + 1}_{i + 1}/W'], shapes[f'conv{block + 1}_{i + 1}/b'] = (width, channels, 3, 3), (width,)
+            channels = width
+    cells = channels * (insize // 32) ** 2
+    fc7_size = fc7_size or fc_size
+    for name, shape in zip(FC_LAYERS, [(fc_size, cells), (fc7_size, fc_size), (n_classes, fc7_size)]):
+        shapes[f'{name}/W'], shapes[f'{name}/b'] = shape, shape[:1]
+    return shapes
+
+
 def shapes_from_params(params):
-    """(insize, widths, fc_size, n_classes) of a VGG16 parameter dict; DataError if it is not one."""
-    missing = [k for k in [f'{n}/{p}' for n in CONV_LAYERS + ['fc6', 'fc7', 'fc8'] for p in 'Wb'] if k not in params]
+    """(insize, widths, fc_size, n_classes) of a VGG16 parameter dict; DataError if it is not exactly one:
+    a missing or extra parameter (VGG19's conv3_4, say) or any shape that does not fit."""
+    names = [f'{n}/{p}' for n in CONV_LAYERS + FC_LAYERS for p in 'Wb']
+    missing = [k for k in names if k not in params]
     if missing:
         raise DataError(f'not a VGG16 parameter set: no {", ".join(missing[:4])}')
+    extra = sorted(k for k in params if k not in names and k != 'provenance')
+    if extra:
+        raise DataError(f'not a VGG16 parameter set: it also holds {", ".join(extra[:6])}'
+                        + (' (a VGG19?)' if any(k.startswith('conv3_4') for k in extra) else ''))
     widths = tuple(params[f'{CONV_LAYERS[sum(BLOCKS[:i])]}/W'].shape[0] for i in range(len(BLOCKS)))
     fc6 = params['fc6/W'].shape
-    cells = fc6[1] // widths[-1]
+    cells = fc6[1] // widths[-1] if len(fc6) == 2 else 0
     side = int(round(cells ** 0.5))
-    if side * side * widths[-1] != fc6[1]:
-        raise DataError(f'fc6 takes {fc6[1]} inputs, which is not {widths[-1]} x side^2')
-    return side * 32, widths, fc6[0], params['fc8/W'].shape[0]
+    if len(fc6) != 2 or side * side * widths[-1] != fc6[1]:
+        raise DataError(f'fc6 has shape {fc6}, which does not take {widths[-1]} x side x side inputs')
+    sizes = side * 32, widths, fc6[0], params['fc8/W'].shape[0]
+    for name, shape in expected_shapes(*sizes, fc7_size=params['fc7/W'].shape[0]).items():
+        if params[name].shape != shape:
+            raise DataError(f'not a VGG16 parameter set: {name} has shape {params[name].shape}, expected {shape}')
+    return sizes
 
 
 def read_params(path, what='VGG16 weights', how=HOW_TO_GET):
@@ -162,7 +187,11 @@ def set_params(model, params, source):
 
 def save_model(model, path, provenance):
     """Write a model's parameters as an npz, atomically, with a note of where they came from."""
-    arrays = {name.lstrip('/'): chainer.backends.cuda.to_cpu(p.array) for name, p in model.namedparams()}
+    save_params(path, {name.lstrip('/'): chainer.backends.cuda.to_cpu(p.array) for name, p in model.namedparams()},
+                provenance)
+
+
+def save_params(path, arrays, provenance):
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
             np.savez(f, provenance=np.array(provenance), **arrays)
@@ -199,36 +228,152 @@ def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
             h = F.relu(link(h))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Caffe's .caffemodel, read straight from its protobuf wire format: a blob's floats are one packed field, read
+# into numpy in one call (13 min and 6.4 GB with the pure-Python protobuf library for the 553 MB file, which
+# builds a Python float per weight). Field numbers from caffe.proto.
+# ----------------------------------------------------------------------------------------------------------
+
+NET_LAYER, NET_LAYERS_V1 = 100, 2
+LAYER_NAME, LAYER_BLOBS = {NET_LAYER: 1, NET_LAYERS_V1: 4}, {NET_LAYER: 7, NET_LAYERS_V1: 6}
+BLOB_NUM, BLOB_CHANNELS, BLOB_HEIGHT, BLOB_WIDTH, BLOB_DATA, BLOB_SHAPE, BLOB_DOUBLE_DATA = 1, 2, 3, 4, 5, 7, 8
+SHAPE_DIM = 1
+
+
+class _Wire:
+    """Protobuf fields of a file, read with pread: only keys and lengths are parsed, payloads are skipped."""
+
+    def __init__(self, f, path):
+        self.fd, self.path, self.size = f.fileno(), path, os.fstat(f.fileno()).st_size
+
+    def bad(self, what, end=None):
+        if end == self.size:  # what was read runs into the end of the file: the file was cut short
+            return DataError(f'{self.path}: the caffemodel is cut short ({what}, {self.size:,} bytes); download '
+                             'it again (VGG_ILSVRC_16_layers.caffemodel is about 553 MB)')
+        return DataError(f'{self.path}: not a caffemodel ({what})')
+
+    def varint(self, at, end):
+        data = os.pread(self.fd, 10, at)
+        value = 0
+        for i, byte in enumerate(data):
+            value |= (byte & 0x7F) << (7 * i)
+            if byte < 0x80:
+                if at + i + 1 > end:
+                    break
+                return value, at + i + 1
+        raise self.bad(f'a number at byte {at:,} runs past the end of its message', end)
+
+    def fields(self, start, end):
+        """(field number, wire type, value): an int for varints, (start, end) of the payload otherwise."""
+        at = start
+        while at < end:
+            key, at = self.varint(at, end)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, at = self.varint(at, end)
+            elif wire in (1, 5):
+                value, at = (at, at + (8 if wire == 1 else 4)), at + (8 if wire == 1 else 4)
+            elif wire == 2:
+                length, at = self.varint(at, end)
+                value, at = (at, at + length), at + length
+            else:
+                raise self.bad(f'field {field} of unknown wire type {wire} at byte {at:,}')
+            if field == 0:
+                raise self.bad(f'field number 0 at byte {at:,}')
+            if at > end:
+                raise self.bad(f'field {field} runs past the end of its message at byte {end:,}', end)
+            yield field, wire, value
+
+    def numbers(self, wire, value, dtype):
+        """A repeated numeric field: packed (one payload) or not (one element per field)."""
+        start, end = value
+        if wire == 2 and (end - start) % np.dtype(dtype).itemsize:
+            raise self.bad(f'a packed array of {end - start} bytes')
+        data = os.pread(self.fd, end - start, start)
+        return np.frombuffer(data, dtype)
+
+
+def _blob(wire, start, end):
+    dims, legacy, parts = None, [0, 0, 0, 0], []
+    for field, kind, value in wire.fields(start, end):
+        if field == BLOB_SHAPE:
+            dims = []
+            for dim_field, dim_kind, dim in wire.fields(*value):
+                if dim_field == SHAPE_DIM:
+                    dims += [dim] if dim_kind == 0 else _packed_varints(wire, dim)
+        elif field in (BLOB_NUM, BLOB_CHANNELS, BLOB_HEIGHT, BLOB_WIDTH) and kind == 0:
+            legacy[field - BLOB_NUM] = value
+        elif field == BLOB_DATA:
+            parts.append(wire.numbers(kind, value, '<f4'))
+        elif field == BLOB_DOUBLE_DATA:
+            parts.append(wire.numbers(kind, value, '<f8').astype(np.float32))
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.float32)
+    shape = tuple(dims) if dims else tuple(legacy)
+    if int(np.prod(shape)) != data.size:
+        raise wire.bad(f'a blob of shape {shape} holds {data.size} numbers')
+    return data.astype(np.float32).reshape(shape)
+
+
+def _packed_varints(wire, span):
+    values, at = [], span[0]
+    while at < span[1]:
+        value, at = wire.varint(at, span[1])
+        values.append(value)
+    return values
+
+
 def params_from_caffemodel(path):
-    """{'conv1_1/W': ..., ...} from Caffe's VGG_ILSVRC_16_layers.caffemodel (or any file of that layout)."""
-    # Current protobuf releases refuse Chainer's generated caffe_pb2 in their C++ implementation.
-    os.environ.setdefault('PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION', 'python')
-    from chainer.links.caffe.protobuf3 import caffe_pb2
-    net = caffe_pb2.NetParameter()
+    """{'conv1_1/W': ..., ...} from a caffemodel of VGG16's layout, old (`layers`, num/channels/height/width) or new
+    (`layer`, shape.dim), exact to the bit. DataError for a truncated file, a file of another kind, or another
+    architecture (VGG19's conv3_4, missing layers, other shapes)."""
     with open(path, 'rb') as f:
-        net.MergeFromString(f.read())
-    layers = {layer.name: layer for layer in (net.layer or net.layers)}
+        wire = _Wire(f, path)
+        layers = {}
+        for field, kind, value in wire.fields(0, wire.size):
+            if field not in (NET_LAYER, NET_LAYERS_V1) or kind != 2:
+                continue
+            name, blobs = None, []
+            for sub, sub_kind, sub_value in wire.fields(*value):
+                if sub == LAYER_NAME[field] and sub_kind == 2:
+                    name = os.pread(wire.fd, sub_value[1] - sub_value[0], sub_value[0]).decode('utf-8', 'replace')
+                elif sub == LAYER_BLOBS[field] and sub_kind == 2:
+                    blobs.append(_blob(wire, *sub_value))
+            if blobs:
+                layers[name] = blobs
+    if not layers:
+        raise DataError(f'{path}: holds no layer with weights: not a caffemodel of VGG16 '
+                        '(VGG_ILSVRC_16_layers.caffemodel is about 553 MB)')
+    expected = CONV_LAYERS + FC_LAYERS
+    extra, missing = [n for n in layers if n not in expected], [n for n in expected if n not in layers]
+    if extra or missing:
+        raise DataError(f'{path}: not VGG16: ' + '; '.join(
+            ([f'layers VGG16 does not have: {", ".join(extra)}' + (' (a VGG19?)' if 'conv3_4' in extra else '')]
+             if extra else []) + ([f'no layer {", ".join(missing)}'] if missing else [])))
     params = {}
-    for name in CONV_LAYERS + ['fc6', 'fc7', 'fc8']:
-        if name not in layers or len(layers[name].blobs) != 2:
-            raise DataError(f'{path}: no layer {name!r} with weights and bias; is this VGG_ILSVRC_16_layers?')
-        w, b = layers[name].blobs
-        wshape = tuple(w.shape.dim) or (w.num, w.channels, w.height, w.width)
-        w = np.array(w.data, np.float32).reshape(wshape)
-        params[f'{name}/W'] = w.reshape(w.shape[-2:]) if name.startswith('fc') else w
-        params[f'{name}/b'] = np.array(b.data, np.float32).reshape(-1)
+    for name in expected:
+        if len(layers[name]) != 2:
+            raise DataError(f'{path}: layer {name} has {len(layers[name])} blobs, expected weights and bias')
+        w, b = layers[name]
+        b = b.reshape(-1)
+        if name in FC_LAYERS and b.size and w.size % b.size == 0:
+            w = w.reshape(b.size, -1)  # the old layout stores (1, 1, out, in)
+        params[f'{name}/W'] = w
+        params[f'{name}/b'] = b
     return params
 
 
 def convert(source, out, kind):
+    """Write VGG.model from a caffemodel or an npz of VGG16; returns (insize, widths, fc_size, n_classes)."""
     if not os.path.isfile(source):
         raise DataError(f'{source}: file not found')
-    params = params_from_caffemodel(source) if kind == 'caffe' else read_params(source)
-    insize, widths, fc_size, n_classes = shapes_from_params(params)
-    model = VGGNet(insize, widths, fc_size, n_classes)
-    set_params(model, params, source)
-    save_model(model, out, f'{kind}:{os.path.basename(source)}')
-    return model
+    params = params_from_caffemodel(source) if kind == 'caffe' else read_params(source, 'VGG16 weights', '')
+    params.pop('provenance', None)
+    try:
+        sizes = shapes_from_params(params)
+    except DataError as e:
+        raise DataError(f'{source}: {e}') from None
+    save_params(out, params, f'{kind}:{os.path.basename(source)}')
+    return sizes
 
 
 def main(argv=None):
@@ -251,12 +396,11 @@ def main(argv=None):
             calibrate_random(model, seed=args.seed)
             save_model(model, args.out, f'random-init(seed={args.seed},insize={args.insize},'
                                         f'widths={"x".join(map(str, args.widths))},fc={args.fc_size})')
-        elif args.from_caffemodel:
-            model = convert(args.from_caffemodel, args.out, 'caffe')
+            insize, n_classes = model.insize, model.fc8.W.shape[0]
         else:
-            model = convert(args.from_npz, args.out, 'npz')
-    print(f'wrote {args.out}: VGG16 for {model.insize}x{model.insize} inputs, {model.fc8.W.shape[0]} classes',
-          file=sys.stderr)
+            kind, source = ('caffe', args.from_caffemodel) if args.from_caffemodel else ('npz', args.from_npz)
+            insize, _, _, n_classes = convert(source, args.out, kind)
+    print(f'wrote {args.out}: VGG16 for {insize}x{insize} inputs, {n_classes} classes', file=sys.stderr)
 
 
 if __name__ == '__main__':

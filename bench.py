@@ -10,9 +10,12 @@ noisy, so only ratios taken together mean much):
   against the same network in PyTorch when a PyTorch environment can be made (.venv-torch, never a project
   dependency);
 - decoding + preprocessing frames/s against bare decoding (ffmpeg to raw video);
-- random training-frame samples/s (seek), and the extraction pipeline's frames/s against its slower stage;
+- random training-frame samples/s (exact random access), and the extraction pipeline's frames/s against its
+  slower stage;
 - LSTM training step at the handout's size (batch 32 x 120 frames x 1024 -> 512), Chainer and PyTorch;
-- packing and normalising 13,320 clips of generated features: time and peak memory.
+- packing and normalising 13,320 clips of generated features: time and peak memory;
+- converting a caffemodel of VGG_ILSVRC_16_layers.caffemodel's size and layout (553 MB): time, peak memory, and
+  whether every weight came through bit for bit.
 """
 import argparse
 import json
@@ -268,6 +271,88 @@ def packing_figures(work, clips_scale):
     return figures
 
 
+def _varint(value):
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number, payload):
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# V1LayerParameter.LayerType of the layers VGG_ILSVRC_16_layers.caffemodel holds
+V1_TYPES = {'Convolution': 4, 'InnerProduct': 14, 'ReLU': 18}
+
+
+def write_caffemodel(path, layers, layout='old'):
+    """A caffemodel of `layers` [(name, type, [arrays])], byte for byte what Caffe's protobuf writes, streamed
+    (the floats go straight from numpy to the file). layout 'old': `layers` with num/channels/height/width, as
+    VGG_ILSVRC_16_layers.caffemodel; 'new': `layer` with shape.dim."""
+    def blob_head(array):
+        if layout == 'old':
+            dims = (1,) * (4 - array.ndim) + array.shape
+            head = b''.join(_varint(n << 3) + _varint(d) for n, d in zip((1, 2, 3, 4), dims))
+            return head + _varint(5 << 3 | 2) + _varint(array.nbytes), b''
+        shape = _field(7, _field(1, b''.join(_varint(d) for d in array.shape)))
+        return _varint(5 << 3 | 2) + _varint(array.nbytes), shape
+
+    with open(path, 'wb') as f:
+        f.write(_field(1, b'VGG_ILSVRC_16_layers'))
+        for name, kind, arrays in layers:
+            if layout == 'old':
+                head = _field(4, name.encode()) + _varint(5 << 3) + _varint(V1_TYPES[kind])
+            else:
+                head = _field(1, name.encode()) + _field(2, kind.encode())
+            blobs = [(blob_head(a), np.ascontiguousarray(a, '<f4')) for a in arrays]
+            blob_sizes = [len(h) + a.nbytes + len(tail) for (h, tail), a in blobs]
+            size = len(head) + sum(len(_varint(s)) + 1 + s for s in blob_sizes)
+            f.write(_varint((2 if layout == 'old' else 100) << 3 | 2) + _varint(size) + head)
+            for ((h, tail), a), s in zip(blobs, blob_sizes):
+                f.write(_varint((6 if layout == 'old' else 7) << 3 | 2) + _varint(s) + h)
+                a.tofile(f)
+                f.write(tail)
+
+
+def vgg16_layers(rng, insize=224, widths=None, fc=4096, classes=1000):
+    """[(name, type, [W, b])] of VGG16 with random weights, ReLUs between, as the caffemodel lists them."""
+    import VGGNet
+    shapes = VGGNet.expected_shapes(insize, widths or VGGNet.WIDTHS, fc, classes)
+    layers = []
+    for name in VGGNet.CONV_LAYERS + VGGNet.FC_LAYERS:
+        arrays = [rng.standard_normal(shapes[f'{name}/{k}'], np.float32) for k in 'Wb']
+        layers += [(name, 'Convolution' if name.startswith('conv') else 'InnerProduct', arrays),
+                   (f'relu_{name}', 'ReLU', [])]
+    return layers
+
+
+def caffemodel_figures(work):
+    """VGGNet.py --from-caffemodel on a file of VGG_ILSVRC_16_layers.caffemodel's size and layout (553 MB, old
+    `layers`): seconds and peak memory (GNU time), and whether every weight came through bit for bit."""
+    import VGGNet
+    path, out = os.path.join(work, 'VGG_ILSVRC_16_layers.caffemodel'), os.path.join(work, 'VGG.model')
+    layers = vgg16_layers(np.random.default_rng(0))
+    write_caffemodel(path, layers)
+    timer = ['/usr/bin/time', '-f', 'peak_kb=%M'] if os.path.exists('/usr/bin/time') else []
+    start = time.perf_counter()
+    result = subprocess.run([*timer, sys.executable, os.path.join(HERE, 'VGGNet.py'), '--from-caffemodel', path,
+                             '-o', out], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f'VGGNet.py --from-caffemodel failed: {result.stderr[-500:]}')
+    params = VGGNet.read_params(out)
+    exact = all(np.array_equal(params[f'{name}/{k}'], a.reshape(params[f'{name}/{k}'].shape))
+                for name, _, arrays in layers for k, a in zip('Wb', arrays))
+    figures = dict(megabytes=round(os.path.getsize(path) / 1e6), seconds=round(seconds, 1), exact=exact,
+                   peak_mb=round(int(result.stderr.rsplit('peak_kb=', 1)[1].split()[0]) / 1024) if timer else None)
+    os.unlink(path)
+    os.unlink(out)
+    return figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', '-o', default='bench')
@@ -311,6 +396,8 @@ def main(argv=None):
         r['torch'].update(torch_figures(repeat, 'lstm') or {})
     print('packing ...', file=sys.stderr, flush=True)
     r['packing'] = packing_figures(work, 'small' if args.quick else 'full')
+    print('caffemodel conversion (553 MB) ...', file=sys.stderr, flush=True)
+    r['caffemodel'] = caffemodel_figures(work)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return write_results(args.out, r)
@@ -361,6 +448,10 @@ def report(r):
     for script in ('save_hdf5.py', 'normalizeData.py'):
         rows.append((f'{script}, {pk["clips"]:,} clips / {pk["frames"]:,} frames', f'{pk[script]["seconds"]} s',
                      f'peak memory {pk[script]["peak_mb"]} MB', ''))
+    cm = r.get('caffemodel')
+    if cm:
+        rows.append((f'VGGNet.py --from-caffemodel, {cm["megabytes"]} MB (the real file\'s layout)',
+                     f'{cm["seconds"]} s', f'peak memory {cm["peak_mb"]} MB; bit-exact: {cm["exact"]}', ''))
     lines = [f'Benchmarks on {r["machine"]["cpus"]} CPUs ({r["machine"]["processor"]}), Python '
              f'{r["machine"]["python"]}' + (f', PyTorch {t["version"]} ({t["threads"]} threads)' if t.get('version')
                                             else ', no PyTorch peer'), '',

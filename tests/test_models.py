@@ -7,6 +7,7 @@ import pytest
 
 import VGGNet
 import VGGNet_1024
+import bench
 from helperFunctions import DataError
 
 WIDTHS = (4, 4, 8, 8, 8)
@@ -17,33 +18,93 @@ def small_params(rng, insize=32, widths=WIDTHS, fc=16, classes=10):
     return {name.lstrip('/'): rng.normal(0, 0.1, p.shape).astype(np.float32) for name, p in model.namedparams()}
 
 
-def write_caffemodel(path, params):
+def protobuf_caffemodel(layers, layout):
+    """Caffe's own serialisation (the protobuf library with Chainer's caffe_pb2) of [(name, type, arrays)]:
+    'old' = V1 `layers` with num/channels/height/width (VGG_ILSVRC_16_layers.caffemodel), 'new' = `layer`."""
     os.environ.setdefault('PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION', 'python')
     from chainer.links.caffe.protobuf3 import caffe_pb2
     net = caffe_pb2.NetParameter(name='VGG_ILSVRC_16_layers')
-    data = net.layer.add(name='data', type='Input')  # a layer without weights, as in the real file
-    data.top.append('data')
-    for name in VGGNet.CONV_LAYERS + ['fc6', 'fc7', 'fc8']:
-        layer = net.layer.add(name=name, type='Convolution' if name.startswith('conv') else 'InnerProduct')
-        for key in ('W', 'b'):
-            value = params[f'{name}/{key}']
+    for name, kind, arrays in layers:
+        if layout == 'old':
+            layer = net.layers.add(name=name, type=getattr(caffe_pb2.V1LayerParameter, kind.upper().replace(
+                'INNERPRODUCT', 'INNER_PRODUCT')))
+        else:
+            layer = net.layer.add(name=name, type=kind)
+        for value in arrays:
             blob = layer.blobs.add()
-            blob.shape.dim.extend(value.shape)
+            if layout == 'old':
+                blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - value.ndim) + value.shape
+            else:
+                blob.shape.dim.extend(value.shape)
             blob.data.extend(value.ravel().tolist())
-        net.layer.add(name=f'relu_{name}', type='ReLU')
-    with open(path, 'wb') as f:
-        f.write(net.SerializeToString())
+    return net.SerializeToString()
 
 
-def test_caffemodel_converter(tmp_path):
-    params = small_params(np.random.RandomState(0))
-    write_caffemodel(tmp_path / 'VGG_ILSVRC_16_layers.caffemodel', params)
+def small_layers(seed=0, **sizes):
+    return bench.vgg16_layers(np.random.default_rng(seed), **{**dict(insize=32, widths=WIDTHS, fc=16,
+                                                                      classes=10), **sizes})
+
+
+@pytest.mark.parametrize('layout', ['old', 'new'])
+def test_caffemodel_writer_is_byte_for_byte_caffes(tmp_path, layout):
+    """bench.py's streaming writer (which makes the 553 MB file) writes what protobuf itself writes."""
+    layers = small_layers()
+    bench.write_caffemodel(tmp_path / 'fast.caffemodel', layers, layout)
+    assert (tmp_path / 'fast.caffemodel').read_bytes() == protobuf_caffemodel(layers, layout)
+
+
+@pytest.mark.parametrize('layout', ['old', 'new'])
+def test_caffemodel_converter(tmp_path, layout):
+    layers = small_layers()
+    (tmp_path / 'VGG_ILSVRC_16_layers.caffemodel').write_bytes(protobuf_caffemodel(layers, layout))
     VGGNet.main(['--from-caffemodel', str(tmp_path / 'VGG_ILSVRC_16_layers.caffemodel'),
                  '-o', str(tmp_path / 'VGG.model')])
     model, provenance = VGGNet.load_vgg(str(tmp_path / 'VGG.model'))
     assert provenance == 'caffe:VGG_ILSVRC_16_layers.caffemodel' and model.insize == 32
+    weights = {name: arrays for name, _, arrays in layers}
     for name, p in model.namedparams():
-        assert np.array_equal(p.array, params[name.lstrip('/')]), name
+        layer, key = name.lstrip('/').split('/')
+        assert np.array_equal(p.array, weights[layer]['Wb'.index(key)]), name
+
+
+def refused(tmp_path, data, match):
+    path = tmp_path / 'model.caffemodel'
+    path.write_bytes(data)
+    with pytest.raises(SystemExit, match=match) as e:
+        VGGNet.main(['--from-caffemodel', str(path), '-o', str(tmp_path / 'VGG.model')])
+    assert len(str(e.value).splitlines()) == 1 and 'model.caffemodel' in str(e.value)
+    assert not (tmp_path / 'VGG.model').exists()
+
+
+def test_caffemodel_of_another_architecture_is_refused(tmp_path):
+    layers = small_layers()
+    conv3_3 = next(i for i, (name, _, _) in enumerate(layers) if name == 'conv3_3')
+    vgg19 = layers[:conv3_3 + 1] + [('conv3_4', 'Convolution', layers[conv3_3][2])] + layers[conv3_3 + 1:]
+    refused(tmp_path, protobuf_caffemodel(vgg19, 'old'), r'not VGG16: layers VGG16 does not have: conv3_4 \(a VGG19\?\)')
+    no_fc8 = [layer for layer in layers if layer[0] != 'fc8']
+    refused(tmp_path, protobuf_caffemodel(no_fc8, 'new'), 'not VGG16: no layer fc8')
+    wide = [(n, k, [np.zeros((5, 4, 3, 3), np.float32), a[1]] if n == 'conv1_2' else a) for n, k, a in layers]
+    refused(tmp_path, protobuf_caffemodel(wide, 'new'), r'conv1_2/W has shape \(5, 4, 3, 3\), expected \(4, 4, 3, 3\)')
+
+
+def test_truncated_or_foreign_caffemodel_is_refused(tmp_path):
+    data = protobuf_caffemodel(small_layers(), 'old')
+    for cut in (len(data) - 3, len(data) // 2, 40):
+        refused(tmp_path, data[:cut], 'the caffemodel is cut short .*download it again')
+    refused(tmp_path, np.random.RandomState(0).bytes(5000), 'not a caffemodel')
+    refused(tmp_path, b'Some text, not a model\n' * 20, 'not a caffemodel')
+    refused(tmp_path, b'', 'holds no layer with weights')
+    (tmp_path / 'x.npz').write_bytes(b'')
+    refused(tmp_path, (tmp_path / 'x.npz').read_bytes(), 'holds no layer')
+
+
+def test_npz_with_extra_parameters_is_refused(tmp_path):
+    params = small_params(np.random.RandomState(1))
+    params['conv3_4/W'] = params['conv3_3/W']
+    np.savez(tmp_path / 'vgg19.npz', **params)
+    with pytest.raises(SystemExit, match=r'vgg19.npz: not a VGG16 parameter set: it also holds conv3_4/W \(a VGG19\?\)'):
+        VGGNet.main(['--from-npz', str(tmp_path / 'vgg19.npz'), '-o', str(tmp_path / 'VGG.model')])
+    assert not (tmp_path / 'VGG.model').exists()
 
 
 def test_chainer_npz_converter(tmp_path):
