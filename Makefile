@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints-build.txt |
 # Old pip reads the build constraint from PIP_CONSTRAINT, new pip (>=25.3) from PIP_BUILD_CONSTRAINT.
 PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints-build.txt PIP_BUILD_CONSTRAINT=$(CURDIR)/constraints-build.txt PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: venv demo test faults bench clean
+.PHONY: venv demo test faults bench doctor clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ faults: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench.py
+
+doctor: $(STAMP)
+	$(PY) doctor.py
 
 clean:
 	rm -rf $(VENV) demo bench

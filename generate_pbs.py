@@ -21,12 +21,21 @@ from helperFunctions import atomic_path
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
+DOCTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'doctor.py')
 
 
 def extraction_argv(args, shard):
     """The command of one shard: the interpreter, saveFeatures_1024.py, the shard, and the pass-through arguments."""
     return [args.python, SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards), '--device', args.device,
             *args.extra]
+
+
+def doctor_argv(args):
+    """doctor.py for the jobs' --device: '0' or '@cupy:0' must find that GPU usable; '-1' or '@numpy' the CPU."""
+    spec = args.device
+    gpu = spec.startswith('@cupy') or (spec.lstrip('-').isdigit() and int(spec) >= 0)
+    device = spec.rsplit(':', 1)[-1] if spec.startswith('@cupy') else spec if gpu else '0'
+    return [args.python, DOCTOR, '--quick', '--device', device] + (['--require-gpu'] if gpu else [])
 
 
 def shell_line(argv):
@@ -43,6 +52,8 @@ def job_body(args, shard_expression):
     lines += [f'module load {m}' for m in args.module]
     lines += args.setup
     lines.append('echo "shard $SHARD of %d on $(hostname), $(date)"' % args.num_shards)
+    if args.doctor:  # a node that cannot run the shard stops here, in a minute, with the reason in the log
+        lines.append(shell_line(doctor_argv(args)))
     lines.append(shell_line(extraction_argv(args, '$SHARD')))
     return '\n'.join(lines) + '\n'
 
@@ -141,6 +152,9 @@ def parse_args(argv=None):
     p.add_argument('--cpus', type=int, default=4, help='CPUs per Slurm job')
     p.add_argument('--slurm-option', action='append', default=[], help='another #SBATCH line (repeatable)')
     p.add_argument('--parallel', type=int, default=1, help='local mode: shards run at once')
+    p.add_argument('--doctor', action='store_true',
+                   help='start every job with doctor.py (--require-gpu for a GPU device): a node whose GPU stack is '
+                        'broken fails in a minute, with the reason in the job log')
     p.add_argument('--dry-run', action='store_true', help='print the scripts and submit commands, submit nothing')
     args = p.parse_args(argv)
     args.extra = extra
@@ -152,6 +166,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.scheduler == 'local':
+        if args.doctor and not args.dry_run and subprocess.run(doctor_argv(args)).returncode:
+            sys.exit('error: doctor.py found this machine not ready (see above); no shard was started')
         if args.dry_run:
             for shard in range(args.num_shards):
                 print('$ ' + shell_line(extraction_argv(args, shard)))

@@ -96,3 +96,16 @@ def test_dry_run_prints_scripts_without_submitting(tmp_path, capsys):
     generate_pbs.main(['--dry-run', '--scheduler', 'slurm', '--partition', 'gpu'])
     out = capsys.readouterr().out
     assert '#SBATCH --array=0-11' in out and '#SBATCH --gres=gpu:1' in out and '$ sbatch ' in out
+
+
+@pytest.mark.parametrize('device,doctor_args', [('0', '--quick --device 0 --require-gpu'),
+                                                ('@cupy:1', '--quick --device 1 --require-gpu'),
+                                                ('-1', '--quick --device 0\n'), ('@numpy', '--quick --device 0\n')])
+def test_doctor_runs_first_in_every_job(capsys, device, doctor_args):
+    """With --doctor, each job checks its node before its shard (set -e stops the job if the node is not ready)."""
+    generate_pbs.main(['--dry-run', '--doctor', '--num-shards', '2', '--device', device])
+    out = capsys.readouterr().out
+    assert out.count('doctor.py ' + doctor_args) == 2, out
+    assert out.index('doctor.py') < out.index('saveFeatures_1024.py --shard')
+    generate_pbs.main(['--dry-run', '--num-shards', '2'])
+    assert 'doctor.py' not in capsys.readouterr().out
