@@ -16,7 +16,8 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from helperFunctions import DataError, atomic_path, exit_on_user_error
+from helperFunctions import (DataError, array_digest, atomic_path, exit_on_user_error, make_provenance,
+                             parse_provenance, provenance_text)
 
 CONV_LAYERS = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
@@ -161,7 +162,8 @@ def read_params(path, what='VGG16 weights', how=HOW_TO_GET):
 
 
 def load_vgg(path, conv='stock'):
-    """VGGNet with the weights of `path`, shaped as the file says; also returns its provenance string."""
+    """VGGNet with the weights of `path`, shaped as the file says; also returns its provenance record (with the
+    weights' digest: recorded when the file was written, computed now for files from before records)."""
     params = read_params(path)
     try:
         insize, widths, fc_size, n_classes = shapes_from_params(params)
@@ -169,11 +171,19 @@ def load_vgg(path, conv='stock'):
         raise DataError(f'{path}: {e}. {HOW_TO_GET}') from e
     model = VGGNet(insize, widths, fc_size, n_classes, conv)
     set_params(model, params, path)
-    provenance = str(params['provenance']) if 'provenance' in params else 'unknown'
-    if provenance.startswith('random'):
-        print(f'NOTE: {path} holds RANDOM weights ({provenance}), not ImageNet ones: fine for the demo, '
+    provenance = model_provenance(path, params)
+    if provenance['source'].startswith('random'):
+        print(f'NOTE: {path} holds RANDOM weights ({provenance["source"]}), not ImageNet ones: fine for the demo, '
               f'meaningless for real results. {HOW_TO_GET}', file=sys.stderr)
     return model, provenance
+
+
+def model_provenance(path, params):
+    """The record of a model file, with its path and its weights' digest (always present)."""
+    record = parse_provenance(params.get('provenance'))
+    record.setdefault('digest', array_digest({k: v for k, v in params.items() if k != 'provenance'}))
+    record.setdefault('source', record.get('step', 'unknown'))
+    return dict(record, path=os.path.abspath(path))
 
 
 def set_params(model, params, source):
@@ -186,15 +196,18 @@ def set_params(model, params, source):
 
 
 def save_model(model, path, provenance):
-    """Write a model's parameters as an npz, atomically, with a note of where they came from."""
+    """Write a model's parameters as an npz, atomically, with its provenance record (a dict; the weights' digest
+    is added)."""
     save_params(path, {name.lstrip('/'): chainer.backends.cuda.to_cpu(p.array) for name, p in model.namedparams()},
                 provenance)
 
 
 def save_params(path, arrays, provenance):
+    record = dict(provenance, digest=array_digest(arrays))
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
-            np.savez(f, provenance=np.array(provenance), **arrays)
+            np.savez(f, provenance=np.array(provenance_text(record)), **arrays)
+    return record
 
 
 def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
@@ -372,7 +385,7 @@ def convert(source, out, kind):
         sizes = shapes_from_params(params)
     except DataError as e:
         raise DataError(f'{source}: {e}') from None
-    save_params(out, params, f'{kind}:{os.path.basename(source)}')
+    save_params(out, params, make_provenance('VGGNet.py', source=f'{kind}:{os.path.basename(source)}'))
     return sizes
 
 
@@ -394,8 +407,9 @@ def main(argv=None):
             np.random.seed(args.seed)
             model = VGGNet(args.insize, tuple(args.widths), args.fc_size)
             calibrate_random(model, seed=args.seed)
-            save_model(model, args.out, f'random-init(seed={args.seed},insize={args.insize},'
-                                        f'widths={"x".join(map(str, args.widths))},fc={args.fc_size})')
+            save_model(model, args.out, make_provenance(
+                'VGGNet.py', source=f'random-init(seed={args.seed},insize={args.insize},'
+                                    f'widths={"x".join(map(str, args.widths))},fc={args.fc_size})'))
             insize, n_classes = model.insize, model.fc8.W.shape[0]
         else:
             kind, source = ('caffe', args.from_caffemodel) if args.from_caffemodel else ('npz', args.from_npz)

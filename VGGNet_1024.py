@@ -8,7 +8,8 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from VGGNet import CONV_LAYERS, WIDTHS, VGGTrunk, read_params, save_model, set_params, shapes_from_params
+from VGGNet import (CONV_LAYERS, WIDTHS, VGGTrunk, model_provenance, read_params, save_model, set_params,
+                    shapes_from_params)
 from helperFunctions import DataError
 
 LAYERS = CONV_LAYERS + ['fc6', 'fc7', 'fc8']
@@ -88,6 +89,7 @@ def load_model(path, conv='stock', train_from='fc7'):
         raise DataError(f'{path}: {e}; is this a VGGNet_1024 model file?') from e
     model = VGGNet_1024(n_classes, insize, widths, fc6_size, params['fc7/W'].shape[0], conv, train_from)
     set_params(model, params, path)
+    model.provenance = model_provenance(path, params)  # what made it: its split, its weights' digest
     return model
 
 

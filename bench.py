@@ -226,7 +226,7 @@ def extraction_figures(work, conv):
     model_path = os.path.join(work, 'VGG_1024_224.model')
     if not os.path.exists(model_path):
         np.random.seed(0)
-        VGGNet.save_model(VGGNet_1024.VGGNet_1024(8), model_path, 'random-init(bench)')
+        VGGNet.save_model(VGGNet_1024.VGGNet_1024(8), model_path, {'source': 'random-init(bench)'})
     out = os.path.join(work, f'extract_{conv}')
     shutil.rmtree(out, ignore_errors=True)
     import saveFeatures_1024

@@ -16,7 +16,8 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score
 
-from helperFunctions import DataError, atomic_path, exit_on_user_error
+from helperFunctions import (DataError, atomic_path, describe_extraction, exit_on_user_error, extraction_of,
+                             make_provenance, parse_provenance, provenance_text, warn)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -91,6 +92,20 @@ def load_results(path):
         raise DataError(f'{path}: results file not found; singleFrameAccuracy.py and rnn.py write them')
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
+
+
+def same_extraction(single, lstm, single_path, lstm_path):
+    """The two results' provenance records; DataError when their inputs came from different extractions (another
+    model or split), which would make the comparison meaningless."""
+    sources = [parse_provenance(r['provenance'][()] if 'provenance' in r else None) for r in (single, lstm)]
+    a, b = (extraction_of(s) for s in sources)
+    if a and b and a.get('tag') != b.get('tag'):
+        raise DataError(f'{single_path} scores {describe_extraction(a)} but {lstm_path} {describe_extraction(b)}: '
+                        'compare results of one extraction (rerun singleFrameAccuracy.py or rnn.py on it)')
+    if not (a and b):
+        warn('a results file records no extraction (written by an older version): cannot check that both '
+             'models saw the same features')
+    return sources
 
 
 def report_model(results, out_prefix, title, stream=None):
@@ -181,7 +196,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     with exit_on_user_error():
         single, lstm = load_results(args.single), load_results(args.lstm)
+        sources = same_extraction(single, lstm, args.single, args.lstm)
         os.makedirs(args.out, exist_ok=True)
+        with atomic_path(os.path.join(args.out, 'provenance.json')) as tmp, open(tmp, 'w') as f:
+            f.write(provenance_text(make_provenance('confusion.py', single_frame=sources[0], lstm=sources[1])))
         report_model(single, os.path.join(args.out, 'singleFrame'), 'single frame')
         report_model(lstm, os.path.join(args.out, 'lstm'), 'LSTM')
         return compare(single, lstm, args.out, args.top)

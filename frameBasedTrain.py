@@ -19,12 +19,19 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, VideoError, check_clips_on_disk, device_from_arg,
-                             exit_on_user_error, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_frame, read_frames, read_split, resume_trainer, usable_cpus,
-                             video_info, warn)
+from helperFunctions import (DataError, NO_AUGMENTATION, RunRecord, VideoError, check_clips_on_disk, device_from_arg,
+                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
+                             read_class_index, read_frame, read_frames, read_split, resume_trainer, stop_on_divergence,
+                             usable_cpus, video_info, warn)
 
 matplotlib.use('Agg')
+
+
+# Settings a resumed run may change: where it runs and how it reports, not what it computes. A longer --epoch
+# continues the same run further.
+FREE_ON_RESUME = {'resume', 'device', 'loaderjob', 'cache_mb', 'log_interval', 'snapshot_interval', 'epoch', 'out',
+                  'model_out', 'data', 'lists', 'vgg', 'skip_missing'}
 
 
 class RandomFrameDataset(chainer.dataset.DatasetMixin):
@@ -37,8 +44,9 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     """
 
     def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False,
-                 cache_mb=0, seed=0):
+                 cache_mb=0, seed=0, class_names=None):
         self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
+        self.class_names = class_names or {c.label: str(c.label) for c in clips}
         self.seed, self.home_pid = seed, os.getpid()
         self.cache, self.cache_bytes = collections.OrderedDict(), cache_mb << 20
         self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
@@ -98,7 +106,8 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
             except VideoError as e:
                 self.bad.add(j)
                 warn(f'skipping unreadable clip {e}')
-        raise DataError(f'no readable clip of class {label} under {self.data_root}')
+        raise DataError(f'no clip of class {self.class_names[label]!r} can be read under {self.data_root}/ (the '
+                        f'warnings above say why); replace those files, or leave the class out of the lists')
 
 
 def build_model(args, n_classes):
@@ -115,7 +124,7 @@ def make_trainer(args):
     classes = read_class_index(args.lists)
     train_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'train'), args.skip_missing)
     model, provenance = build_model(args, len(classes))
-    print(f'{len(train_clips)} training clips, {len(classes)} classes, VGG16 from {provenance}, '
+    print(f'{len(train_clips)} training clips, {len(classes)} classes, VGG16 from {provenance["source"]}, '
           f'learning {", ".join(VGGNet_1024.LAYERS[VGGNet_1024.LAYERS.index(args.train_from):])}', file=sys.stderr)
     device = device_from_arg(args.device)
     model.to_device(device)
@@ -127,9 +136,11 @@ def make_trainer(args):
     model.freeze_below_train_from()
 
     train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
-                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb, seed=args.seed)
+                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb, seed=args.seed,
+                               class_names=classes)
     example_bytes = 4 * 3 * model.insize ** 2 + 64
-    order = chainer.iterators.ShuffleOrderSampler(np.random.RandomState(args.seed))
+    order_stream = np.random.RandomState(args.seed)
+    order = chainer.iterators.ShuffleOrderSampler(order_stream)
     if args.loaderjob > 0:
         train_iter = chainer.iterators.MultiprocessIterator(train, args.batchsize, n_processes=args.loaderjob,
                                                             shared_mem=example_bytes, order_sampler=order)
@@ -140,7 +151,8 @@ def make_trainer(args):
 
     if args.test_eval:
         test_clips = check_clips_on_disk(args.data, read_split(args.lists, args.split, 'test'), args.skip_missing)
-        test = RandomFrameDataset(args.data, test_clips, model.insize, train=False, cache_mb=args.cache_mb)
+        test = RandomFrameDataset(args.data, test_clips, model.insize, train=False, cache_mb=args.cache_mb,
+                                  class_names=classes)
         test_iter = chainer.iterators.SerialIterator(test, args.batchsize, repeat=False, shuffle=False)
         trainer.extend(extensions.Evaluator(test_iter, model, device=device), trigger=(1, 'epoch'))
 
@@ -159,9 +171,13 @@ def make_trainer(args):
     snapshot_trigger = (args.snapshot_interval, 'iteration') if args.snapshot_interval else (1, 'epoch')
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=snapshot_trigger)
+    trainer.extend(stop_on_divergence(model, args.out))
+    # The frames' random stream is the training process's only with --loaderjob 0; loaders fork their own.
+    trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
+                             dict(order=order_stream, numpy=np.random, frames=train.rng)))
 
     resume_trainer(trainer, args.out, args.resume)
-    return trainer, model
+    return trainer, model, provenance
 
 
 def parse_args(argv=None):
@@ -173,16 +189,16 @@ def parse_args(argv=None):
     p.add_argument('--model-out', default='VGG_1024.model', help='where the fine-tuned weights go')
     p.add_argument('--out', '-o', default='result_frame', help='folder for the log, plots and snapshots')
     p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
-    p.add_argument('--batchsize', '-b', type=int, default=36)
-    p.add_argument('--epoch', '-e', type=int, default=20)
-    p.add_argument('--lr', type=float, default=0.0005)
-    p.add_argument('--momentum', type=float, default=0.9)
-    p.add_argument('--weight-decay', type=float, default=0.0005)
+    p.add_argument('--batchsize', '-b', type=positive_int, default=36)
+    p.add_argument('--epoch', '-e', type=positive_int, default=20)
+    p.add_argument('--lr', type=positive_float, default=0.0005)
+    p.add_argument('--momentum', type=fraction, default=0.9)
+    p.add_argument('--weight-decay', type=nonnegative_float, default=0.0005)
     p.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
                    help='lowest layer that learns; the layers below stay as in VGG.model')
-    p.add_argument('--feature-size', type=int, default=1024, help='width of the new fc7')
-    p.add_argument('--dropout', type=float, default=0.5, help='dropout ratio after fc6 and fc7')
-    p.add_argument('--insize', type=int, default=None, help='input side; default: what VGG.model was made for')
+    p.add_argument('--feature-size', type=positive_int, default=1024, help='width of the new fc7')
+    p.add_argument('--dropout', type=fraction, default=0.5, help='dropout ratio after fc6 and fc7')
+    p.add_argument('--insize', type=positive_int, default=None, help='input side; default: what VGG.model was made for')
     p.add_argument('--no-flip', action='store_true', help='turn off random horizontal flips')
     p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
     p.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
@@ -190,14 +206,14 @@ def parse_args(argv=None):
     p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
                    help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
                         "Chainer's own either way); stock: Chainer's own")
-    p.add_argument('--loaderjob', '-j', type=int, default=usable_cpus(),
+    p.add_argument('--loaderjob', '-j', type=nonnegative_int, default=usable_cpus(),
                    help='frame-loading processes (0: load in the training process); default: the CPUs this job '
                         'may use (its Slurm/PBS cpuset), %(default)s here')
-    p.add_argument('--cache-mb', type=int, default=0,
+    p.add_argument('--cache-mb', type=nonnegative_int, default=0,
                    help='keep decoded clips in memory up to this size, per loading process (small data sets)')
     p.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')
-    p.add_argument('--log-interval', type=int, default=20, help='iterations between log lines')
-    p.add_argument('--snapshot-interval', type=int, default=0,
+    p.add_argument('--log-interval', type=positive_int, default=20, help='iterations between log lines')
+    p.add_argument('--snapshot-interval', type=nonnegative_int, default=0,
                    help='iterations between snapshots (default: one per epoch)')
     p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
     p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
@@ -208,10 +224,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
-        trainer, model = make_trainer(args)
-        trainer.run()
+        trainer, model, vgg = make_trainer(args)
+        trainer.run(show_loop_exception_msg=False)
         model.to_cpu()
-        VGGNet.save_model(model, args.model_out, f'frameBasedTrain(split={args.split},epochs={args.epoch})')
+        VGGNet.save_model(model, args.model_out, make_provenance(
+            'frameBasedTrain.py', split=args.split, insize=model.insize, vgg=vgg, options=vars(args)))
     print(f'wrote {args.model_out}; log, loss.png and accuracy.png in {args.out}/', file=sys.stderr)
 
 

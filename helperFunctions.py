@@ -3,6 +3,7 @@
 Training (frameBasedTrain.py) and extraction (saveFeatures_1024.py) both call `preprocess_frame`, so the two
 can never disagree about colour order, mean or resizing.
 """
+import argparse
 import collections
 import contextlib
 import errno
@@ -444,6 +445,173 @@ def repeatSequence(sequence, length):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Provenance: every output records what made it (a JSON record; downstream records nest their inputs' records)
+# ----------------------------------------------------------------------------------------------------------
+
+# What preprocess_frame does; part of an extraction's identity, so change it when preprocessing changes.
+PREPROCESSING = 'rgb24 (FFmpeg via PyAV) -> Pillow bilinear resize -> BGR minus Caffe mean (preprocess_frame v1)'
+_CODE = []
+
+
+def code_version():
+    """The code that ran: a digest of this folder's .py files, and its git commit where it is a checkout."""
+    if not _CODE:
+        import hashlib
+        folder = os.path.dirname(os.path.abspath(__file__))
+        digest = hashlib.sha256()
+        for path in sorted(glob.glob(os.path.join(folder, '*.py'))):
+            digest.update(os.path.basename(path).encode())
+            with open(path, 'rb') as f:
+                digest.update(f.read())
+        commit = subprocess.run(['git', '-C', folder, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                                text=True).stdout.strip() if os.path.isdir(os.path.join(folder, '.git')) else ''
+        _CODE.append(f'py:{digest.hexdigest()[:12]}' + (f' git:{commit}' if commit else ''))
+    return _CODE[0]
+
+
+def array_digest(arrays):
+    """A digest of named arrays (a model's weights): computed once when a file is written, then read from it."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f'{name}:{array.dtype.str}:{array.shape}'.encode())
+        digest.update(memoryview(array).cast('B'))
+    return digest.hexdigest()[:16]
+
+
+def make_provenance(step, **fields):
+    """What made an output: the step, the code, and the step's inputs and settings (no time stamp: the same
+    inputs and code give the same record, so a rerun rewrites identical files)."""
+    return dict(step=step, code=code_version(), **fields)
+
+
+def provenance_text(record):
+    import json
+    return json.dumps(record, sort_keys=True)
+
+
+def parse_provenance(text):
+    """A provenance record from its stored text; files written before records existed give {'source': text}."""
+    import json
+    text = '' if text is None else str(text)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {'source': text or 'unknown'}
+
+
+def extraction_of(record):
+    """The extraction record a downstream record descends from (None if it has none)."""
+    if not isinstance(record, dict):
+        return None
+    if record.get('step') == 'saveFeatures_1024.py':
+        return record
+    for value in record.values():
+        found = extraction_of(value)
+        if found:
+            return found
+    return None
+
+
+def describe_extraction(record):
+    if not record:
+        return 'no recorded extraction (written before provenance was recorded)'
+    model = record.get('model', {})
+    trained_on = model.get('split')
+    return (f'extraction {record.get("tag")} (model {model.get("path", "?")} digest {model.get("digest", "?")}, '
+            f'fine-tuned on {"an unrecorded split" if trained_on is None else f"split {trained_on}"}; features of '
+            f'split {record.get("split")})')
+
+
+class ExtractionManifest:
+    """Which extraction wrote each clip's feature and prediction files.
+
+    `<features dir>/.extractions/<tag>.json` holds an extraction's record; each job appends one line per finished
+    clip to its own `<tag>.<host>.<pid>.tsv`, with the size and modification time of both files. A line counts only
+    while both files still have that size and time, so a file rewritten by any other run (or half-way through
+    a kill) is never taken for this extraction's. Checking costs a stat per file, no reading of features.
+    """
+
+    def __init__(self, features_dir, predictions_dir):
+        self.features_dir, self.predictions_dir = features_dir, predictions_dir
+        self.folder = os.path.join(features_dir, '.extractions')
+        self._entries, self._log = None, None
+
+    def paths(self, clip_path):
+        stem = clip_stem(clip_path) + '.npy'
+        return os.path.join(self.features_dir, stem), os.path.join(self.predictions_dir, stem)
+
+    def _stamps(self, clip_path):
+        """[(size, modification time) of the feature file, of the prediction file], None for a missing one."""
+        stamps = []
+        for path in self.paths(clip_path):
+            try:
+                s = os.stat(path)
+                stamps.append(f'{s.st_size}\t{s.st_mtime_ns}')
+            except OSError:
+                stamps.append(None)
+        return stamps
+
+    def records(self):
+        """{tag: extraction record} of every extraction that wrote into these folders."""
+        import json
+        found = {}
+        for path in glob.glob(os.path.join(self.folder, '*.json')):
+            with contextlib.suppress(OSError, ValueError):
+                with open(path) as f:
+                    found[os.path.basename(path)[:-5]] = json.load(f)
+        return found
+
+    def entries(self):
+        """{clip path: {tag: stamp}} from every job's lines (a line cut short by a kill is ignored)."""
+        if self._entries is None:
+            self._entries = {}
+            for path in glob.glob(os.path.join(self.folder, '*.tsv')):
+                tag = os.path.basename(path).split('.', 1)[0]
+                with open(path, errors='replace') as f:
+                    for line in f:
+                        parts = line.rstrip('\n').split('\t')
+                        if line.endswith('\n') and len(parts) == 5:
+                            self._entries.setdefault(parts[0], {})[tag] = '\t'.join(parts[1:])
+        return self._entries
+
+    def tag_of(self, clip_path, kinds=('features', 'predictions')):
+        """The extraction whose files (of these kinds) are in place for this clip now, or None."""
+        current = self._stamps(clip_path)
+        wanted = [i for i, kind in enumerate(('features', 'predictions')) if kind in kinds]
+        for tag, recorded in self.entries().get(clip_path, {}).items():
+            fields = recorded.split('\t')
+            if all(current[i] is not None and current[i] == '\t'.join(fields[2 * i:2 * i + 2]) for i in wanted):
+                return tag
+        return None
+
+    def start(self, record):
+        """Record this extraction (its tag names the record) before writing any clip."""
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f'{record["tag"]}.json')
+        if not os.path.isfile(path):
+            with atomic_path(path) as tmp, open(tmp, 'w') as f:
+                f.write(provenance_text(record))
+        self._log = os.path.join(self.folder, f'{record["tag"]}.{_host()}.{os.getpid()}.tsv')
+        self._tag = record['tag']
+
+    def add(self, clip_path):
+        """Note that this clip's two files, just renamed into place, are this extraction's."""
+        line = '\t'.join([clip_path, *self._stamps(clip_path)]) + '\n'
+        with open(self._log, 'a') as f:  # one short write in append mode: whole lines even with other writers
+            f.write(line)
+        if self._entries is not None:
+            self._entries.setdefault(clip_path, {})[self._tag] = line.split('\t', 1)[1].rstrip('\n')
+
+
+def _host():
+    import socket
+    return re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40] or 'host'
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Files: atomic writes, progress
 # ----------------------------------------------------------------------------------------------------------
 
@@ -604,6 +772,27 @@ def format_seconds(seconds):
     return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+def _number(kind, test, requirement):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'{text} is not {requirement}')
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# argparse types that refuse nonsense at parse time (exit 2 with the flag named), not hours into a job
+positive_int = _number(int, lambda v: v >= 1, 'a positive whole number')
+nonnegative_int = _number(int, lambda v: v >= 0, 'zero or more')
+positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), 'a positive number')
+nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), 'zero or more')
+fraction = _number(float, lambda v: 0 <= v < 1, 'in [0, 1)')
+
+
 def device_from_arg(spec):
     """--device value -> chainer device: '-1' or '@numpy' is the CPU, '0' or '@cupy:0' the first GPU."""
     import chainer
@@ -635,6 +824,95 @@ def resume_trainer(trainer, out, resume):
         updater = trainer.updater
         print(f'resumed from {path} at epoch {updater.epoch}, iteration {updater.iteration}', file=sys.stderr)
     return path
+
+
+class RunRecord:
+    """A trainer extension saved in every snapshot: the run's settings and the state of its random streams.
+
+    On resume the settings are compared (a snapshot of a run with other settings is refused, naming them) and the
+    random streams restored, so that a resumed run goes on exactly as the interrupted one would have. `streams`:
+    {name: a numpy RandomState, or the numpy.random module itself (Chainer's dropout draws from it)}.
+    """
+    trigger = (1, 'epoch')
+    priority = 0
+    name = 'run_record'
+
+    def __init__(self, settings, streams):
+        self.settings, self.streams = settings, streams
+
+    def __call__(self, trainer):
+        pass  # it only carries state into and out of snapshots
+
+    def initialize(self, trainer):
+        pass
+
+    def finalize(self):
+        pass
+
+    def on_error(self, trainer, exc, tb):
+        pass
+
+    def serialize(self, serializer):
+        import json
+
+        import chainer
+        if isinstance(serializer, chainer.serializer.Serializer):
+            serializer('settings', np.array(json.dumps(self.settings, sort_keys=True)))
+            for name, stream in self.streams.items():
+                _, keys, position, has_gauss, gauss = stream.get_state()
+                serializer(f'{name}_keys', np.asarray(keys))
+                serializer(f'{name}_state', np.array([position, has_gauss], np.int64))
+                serializer(f'{name}_gauss', np.array(gauss, np.float64))
+            return
+        try:
+            stored = json.loads(str(serializer('settings', None)[()]))
+        except KeyError:
+            warn('this snapshot records no settings (written by an older version): resuming unchecked, and its '
+                 'random streams start afresh')
+            return
+        differ = sorted(k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k))
+        if differ:
+            raise DataError('the snapshot is of a run with other settings: '
+                            + ', '.join(f'--{k.replace("_", "-")} {stored.get(k)!r} there, {self.settings.get(k)!r} '
+                                        'now' for k in differ)
+                            + '. Resume with the same settings, or start afresh in another --out (or without '
+                              '--resume)')
+        for name, stream in self.streams.items():
+            keys = serializer(f'{name}_keys', None)
+            position, has_gauss = (int(v) for v in serializer(f'{name}_state', None))
+            stream.set_state(('MT19937', np.asarray(keys, np.uint32), position, has_gauss,
+                              float(serializer(f'{name}_gauss', None))))
+
+
+def stop_on_divergence(model, out):
+    """A trainer extension that stops the run, before any snapshot or model of NaN is written, when the loss or
+    a learning parameter stops being finite; the message says where, at which learning rate, and what to try."""
+    import chainer
+    import chainer.training
+
+    @chainer.training.make_extension(trigger=(1, 'iteration'), priority=chainer.training.PRIORITY_WRITER + 1)
+    def check(trainer):
+        loss = trainer.observation.get('main/loss')
+        problem = None
+        if loss is not None:
+            value = float(chainer.backends.cuda.to_cpu(chainer.as_array(loss)))
+            if not np.isfinite(value):
+                problem = f'the loss is {value}'
+        for name, param in model.namedparams():
+            if problem:
+                break
+            rule = param.update_rule
+            if rule is not None and rule.enabled and param.array is not None and \
+                    not bool(param.xp.isfinite(param.array).all()):
+                problem = f'parameter {name} holds NaN or inf'
+        if problem:
+            optimizer = trainer.updater.get_optimizer('main')
+            lr = getattr(optimizer, 'lr', None) or getattr(optimizer, 'alpha', None)
+            raise DataError(f'training diverged at iteration {trainer.updater.iteration} (epoch '
+                            f'{trainer.updater.epoch + 1}): {problem}, learning rate {lr:g}. No model was written; '
+                            f'the last good snapshot in {out}/ stays. Try a learning rate ten times lower '
+                            f'(--lr {lr / 10:g}), fewer layers that learn, or gradient clipping.')
+    return check
 
 
 def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', interval=(20, 'iteration')):

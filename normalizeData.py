@@ -15,8 +15,9 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import DataError, Progress, atomic_path, ensure_space, exit_on_user_error, warn
-from save_hdf5 import read_clip, read_hdf5_header, write_packed
+from helperFunctions import (DataError, Progress, atomic_path, describe_extraction, ensure_space, exit_on_user_error,
+                             extraction_of, make_provenance, provenance_text, warn)
+from save_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
 
 
 def finite_clips(path, header):
@@ -74,6 +75,11 @@ def main(argv=None):
         test = read_hdf5_header(args.test, expect_split=train['split'], expect_subset='test')
         if train['dim'] != test['dim']:
             raise DataError(f'{args.train} has {train["dim"]}-d features but {args.test} {test["dim"]}-d')
+        sources = {path: file_provenance(path, header) for path, header in ((args.train, train), (args.test, test))}
+        extractions = [extraction_of(record) for record in sources.values()]
+        if all(extractions) and extractions[0].get('tag') != extractions[1].get('tag'):
+            raise DataError(f'{args.train} comes from {describe_extraction(extractions[0])} but {args.test} from '
+                            f'{describe_extraction(extractions[1])}; pack both from one extraction (save_hdf5.py)')
         train_clips = finite_clips(args.train, train)
         test_clips = finite_clips(args.test, test)
         mean, std, count = feature_statistics(args.train, train_clips)
@@ -88,9 +94,11 @@ def main(argv=None):
         for source, out, header, clips in ((args.train, args.train_out, train, train_clips),
                                            (args.test, args.test_out, test, test_clips)):
             ensure_space(out, os.path.getsize(source))
+            record = make_provenance('normalizeData.py', input=sources[source],
+                                     statistics=dict(path=os.path.abspath(args.train), frames=int(count)))
             n_clips, n_frames = write_packed(out, normalized_items(source, clips, mean, safe_std), len(clips),
                                              header['classes'], split=header['split'], subset=header['subset'],
-                                             kind='normalized features')
+                                             kind='normalized features', provenance=provenance_text(record))
             print(f'wrote {out}: {n_clips} clips, {n_frames} frames'
                   + (f' ({len(header["clips"]) - n_clips} left out)' if n_clips < len(header['clips']) else ''),
                   file=sys.stderr)

@@ -31,13 +31,18 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import format_accuracy, save_results, topk_accuracies
-from helperFunctions import (DataError, atomic_path, device_from_arg, exit_on_user_error, rate_eta_extension,
-                             repeatSequence, resume_trainer)
-from save_hdf5 import read_hdf5_header
+from helperFunctions import (DataError, RunRecord, atomic_path, describe_extraction, device_from_arg,
+                             exit_on_user_error, extraction_of, fraction, make_provenance, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, provenance_text,
+                             rate_eta_extension, repeatSequence, resume_trainer, stop_on_divergence)
+from save_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
 
 INFERENCE = ('full', 'last', 'weighted', 'segments')
+# Settings a resumed run may change: where it runs and what it writes, not what it computes. A longer --epoch
+# continues the same run further.
+FREE_ON_RESUME = {'resume', 'device', 'epoch', 'in_memory', 'out', 'model_out', 'results', 'train', 'test'}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,6 +56,7 @@ class ClipFeatures:
         header = read_hdf5_header(path, expect_split=split, expect_subset=subset)
         self.path, self.names, self.labels = path, header['clips'], np.asarray(header['labels'], np.int32)
         self.classes, self.dim, self.split = header['classes'], int(header['dim']), int(header['split'])
+        self.provenance = file_provenance(path, header)
         if 'normalized' not in str(header.get('kind', '')):
             print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
                   file=sys.stderr)
@@ -311,35 +317,43 @@ def parse_args(argv=None):
     p.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
     p.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
     p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
-    p.add_argument('--epoch', '-e', type=int, default=20)
-    p.add_argument('--batchsize', '-b', type=int, default=32)
+    p.add_argument('--epoch', '-e', type=positive_int, default=20)
+    p.add_argument('--batchsize', '-b', type=positive_int, default=32)
     p.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'))
-    p.add_argument('--lr', type=float, default=0.001, help='learning rate (Adam: alpha)')
-    p.add_argument('--weight-decay', type=float, default=0.0)
-    p.add_argument('--grad-clip', type=float, default=0.0, help='clip the gradient norm to this (0: off)')
-    p.add_argument('--hidden', type=int, default=512, help='LSTM units per layer')
-    p.add_argument('--lstm-layers', type=int, default=1)
-    p.add_argument('--fc', type=int, default=512, help='width of the Linear + sigmoid layer')
-    p.add_argument('--dropout', type=float, default=0.0, help='dropout ratio on the LSTM inputs and outputs')
+    p.add_argument('--lr', type=positive_float, default=0.001, help='learning rate (Adam: alpha)')
+    p.add_argument('--weight-decay', type=nonnegative_float, default=0.0)
+    p.add_argument('--grad-clip', type=nonnegative_float, default=0.0, help='clip the gradient norm to this (0: off)')
+    p.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
+    p.add_argument('--lstm-layers', type=positive_int, default=1)
+    p.add_argument('--fc', type=positive_int, default=512, help='width of the Linear + sigmoid layer')
+    p.add_argument('--dropout', type=fraction, default=0.0, help='dropout ratio on the LSTM inputs and outputs')
     p.add_argument('--batchnorm', action='store_true', help='batch normalisation of the LSTM output')
-    p.add_argument('--seqlen', type=int, default=120, help='frames per training sequence')
-    p.add_argument('--bptt', type=int, default=30, help='truncated back-propagation length')
-    p.add_argument('--variable-length', type=int, default=0, metavar='MIN',
+    p.add_argument('--seqlen', type=positive_int, default=120, help='frames per training sequence')
+    p.add_argument('--bptt', type=positive_int, default=30, help='truncated back-propagation length')
+    p.add_argument('--variable-length', type=nonnegative_int, default=0, metavar='MIN',
                    help='train each batch on a random length between MIN and --seqlen (0: off)')
     p.add_argument('--loss-weighting', default='uniform', choices=('uniform', 'linear', 'last'),
                    help="weight of each step's loss: equal, growing toward the end, or the last step only")
-    p.add_argument('--noise', type=float, default=0.0, help='augmentation: Gaussian noise on the features')
-    p.add_argument('--max-stride', type=int, default=1, help='augmentation: random frame stride up to this')
+    p.add_argument('--noise', type=nonnegative_float, default=0.0, help='augmentation: Gaussian noise on the features')
+    p.add_argument('--max-stride', type=positive_int, default=1, help='augmentation: random frame stride up to this')
     p.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
                    help='test techniques to report (the first one is saved for confusion.py)')
-    p.add_argument('--segments', type=int, default=5, help='sequences per clip for --inference segments')
+    p.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for --inference segments')
     p.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
     p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    if args.bptt < 1 or args.seqlen < 1:
-        p.error('--seqlen and --bptt must be positive')
+    if args.variable_length > args.seqlen:
+        p.error(f'--variable-length {args.variable_length} is longer than --seqlen {args.seqlen}')
     return args
+
+
+def same_extraction(train, test, train_path, test_path):
+    """Refuse training and test features that came from different extractions (another model or split)."""
+    a, b = extraction_of(train), extraction_of(test)
+    if a and b and a.get('tag') != b.get('tag'):
+        raise DataError(f'{train_path} comes from {describe_extraction(a)} but {test_path} from '
+                        f'{describe_extraction(b)}; pack and normalise both from one extraction')
 
 
 def make_optimizer(args):
@@ -357,6 +371,7 @@ def make_trainer(args):
     test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
     if train.classes != test.classes or train.dim != test.dim:
         raise DataError(f'{args.train} and {args.test} differ in classes or feature size')
+    same_extraction(train.provenance, test.provenance, args.train, args.test)
     np.random.seed(args.seed)
     model = RNN(train.dim, args.hidden, args.lstm_layers, args.fc, len(train.classes), args.dropout, args.batchnorm)
     device = device_from_arg(args.device)
@@ -370,9 +385,9 @@ def make_trainer(args):
         optimizer.add_hook(chainer.optimizer_hooks.GradientClipping(args.grad_clip))
 
     dataset = SequenceDataset(train, args.seqlen, args.max_stride, args.noise, args.seed)
+    order_stream = np.random.RandomState(args.seed)
     iterator = chainer.iterators.SerialIterator(
-        dataset, args.batchsize, order_sampler=chainer.iterators.ShuffleOrderSampler(
-            np.random.RandomState(args.seed)))
+        dataset, args.batchsize, order_sampler=chainer.iterators.ShuffleOrderSampler(order_stream))
     updater = BPTTUpdater(iterator, optimizer, device, args.bptt, args.loss_weighting, args.variable_length,
                           args.seed)
     trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
@@ -390,6 +405,9 @@ def make_trainer(args):
                                          'epoch', file_name='accuracy.png'))
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=(1, 'epoch'))
+    trainer.extend(stop_on_divergence(model, args.out))
+    trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
+                             dict(order=order_stream, numpy=np.random, sequences=dataset.rng, lengths=updater.rng)))
     resume_trainer(trainer, args.out, args.resume)
     return trainer, model, test, tester
 
@@ -398,14 +416,18 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
         trainer, model, test, tester = make_trainer(args)
-        trainer.run()
+        trainer.run(show_loop_exception_msg=False)
         scores = tester.last_scores or evaluate(model, test, args.inference, args.seqlen, args.segments,
                                                 args.batchsize)
         model.to_cpu()
-        with atomic_path(args.model_out) as tmp:
-            chainer.serializers.save_npz(tmp, model)
+        record = provenance_text(make_provenance('rnn.py', train=file_provenance(args.train), test=test.provenance,
+                                                 options=vars(args)))
+        weights = chainer.serializers.DictionarySerializer()
+        weights.save(model)
+        with atomic_path(args.model_out) as tmp, open(tmp, 'wb') as f:
+            np.savez(f, provenance=np.array(record), **weights.target)
         save_results(args.results, test.names, test.labels, scores[args.inference[0]], test.classes,
-                     split=test.split, model='lstm', inference=args.inference[0])
+                     split=test.split, model='lstm', inference=args.inference[0], provenance=record)
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')

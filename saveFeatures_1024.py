@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,8 +27,9 @@ import chainer
 import numpy as np
 
 import VGGNet_1024
-from helperFunctions import (DataError, Progress, VideoError, atomic_path, check_clips_on_disk, clip_stem,
-                             device_from_arg, exit_on_user_error, header_frame_count, iter_frames, preprocess_frame,
+from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, Progress, VideoError, atomic_path,
+                             check_clips_on_disk, device_from_arg, exit_on_user_error, header_frame_count,
+                             iter_frames, make_provenance, nonnegative_int, positive_int, preprocess_frame,
                              read_class_index, read_split, save_npy_atomic, video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
@@ -49,21 +51,28 @@ def shard_ranges(weights, num_shards):
     return [(edges[k], edges[k + 1]) for k in range(num_shards)]
 
 
-def output_paths(clip, features_dir, predictions_dir):
-    stem = clip_stem(clip.path) + '.npy'
-    return os.path.join(features_dir, stem), os.path.join(predictions_dir, stem)
-
-
-def is_done(paths):
-    """Both files exist and are whole .npy arrays (they are renamed into place only when complete)."""
-    for path in paths:
-        try:
-            array = np.load(path, mmap_mode='r')
-        except (OSError, ValueError):
-            return False
-        if array.ndim != 2 or array.shape[0] == 0:
-            return False
-    return True
+def extraction_record(args, model):
+    """What makes this extraction's outputs what they are; its tag (a digest of the model's weights, the split,
+    the input size and the preprocessing) names it in the manifest. Refuses a model fine-tuned on another split."""
+    import hashlib
+    source = model.provenance
+    trained_on = source.get('split')
+    if trained_on is None:  # a model file from before provenance records: its old note says the split
+        match = re.search(r'split=(\d)', source.get('source', ''))
+        trained_on = int(match.group(1)) if match else None
+    if trained_on is not None and trained_on != args.split and not args.allow_other_split:
+        raise DataError(f'{args.model} was fine-tuned on split {trained_on}, whose training clips include the test '
+                        f'clips of split {args.split}: its features would inflate every accuracy. Fine-tune on split '
+                        f'{args.split} (frameBasedTrain.py --split {args.split}), or pass --allow-other-split')
+    if trained_on is None:
+        warn(f'{args.model} records no split: cannot check that it never saw the test clips of split {args.split}')
+    identity = [source['digest'], args.split, model.insize, PREPROCESSING]
+    record = make_provenance('saveFeatures_1024.py', split=args.split, insize=model.insize,
+                             preprocessing=PREPROCESSING, options=dict(conv=args.conv, batchsize=args.batchsize),
+                             model=dict(path=source['path'], digest=source['digest'], split=trained_on,
+                                        source=source.get('source'), step=source.get('step')))
+    record['tag'] = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    return record
 
 
 class FailureLog:
@@ -133,19 +142,25 @@ def extract_shard(args):
     clips = split_clips(args.data, args.lists, args.split, args.subsets, args.skip_missing)
     weights = [header_frame_count(os.path.join(args.data, c.path)) for c in clips]
     start, end = shard_ranges(weights, args.num_shards)[args.shard]
-    os.makedirs(args.log_dir, exist_ok=True)
-    tag = f'shard_{args.shard:02d}_of_{args.num_shards:02d}'
-    failures = FailureLog(os.path.join(args.log_dir, f'failures_{tag}.tsv'))
-    todo = [i for i in range(start, end)
-            if not is_done(output_paths(clips[i], args.features_dir, args.predictions_dir))]
-    done_before = (end - start) - len(todo)
-    print(f'shard {args.shard} of {args.num_shards}: clips {start}-{end - 1} of {len(clips)} '
-          f'({sum(weights[start:end])} frames); {done_before} already done, {len(todo)} to do', file=sys.stderr)
-
     model = VGGNet_1024.load_model(args.model, conv=args.conv)
     if model.fc8.W.shape[0] != len(classes):
         raise DataError(f'{args.model} predicts {model.fc8.W.shape[0]} classes but {args.lists}/classInd.txt '
                         f'lists {len(classes)}; was it trained on these lists?')
+    record = extraction_record(args, model)
+    manifest = ExtractionManifest(args.features_dir, args.predictions_dir)
+    made_by = {i: manifest.tag_of(clips[i].path) for i in range(start, end)}
+    todo = [i for i in range(start, end) if made_by[i] != record['tag']]
+    others = sum(made_by[i] is not None for i in todo)
+    os.makedirs(args.log_dir, exist_ok=True)
+    shard_name = f'shard_{args.shard:02d}_of_{args.num_shards:02d}'
+    failures = FailureLog(os.path.join(args.log_dir, f'failures_{shard_name}.tsv'))
+    print(f'shard {args.shard} of {args.num_shards}: clips {start}-{end - 1} of {len(clips)} '
+          f'({sum(weights[start:end])} frames); {(end - start) - len(todo)} already done by this extraction '
+          f'({record["tag"]}), {len(todo)} to do', file=sys.stderr)
+    if others:
+        warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
+             f'preprocessing): re-extracting them with {args.model}')
+    manifest.start(record)
     device = device_from_arg(args.device)
     model.to_device(device)
     device.use()
@@ -185,9 +200,10 @@ def extract_shard(args):
                 counts['skipped'] += 1
                 failures.record(clip.path, 'skipped', read, claimed, 'the network produced NaN or inf')
                 continue
-            feature_path, prediction_path = output_paths(clip, args.features_dir, args.predictions_dir)
+            feature_path, prediction_path = manifest.paths(clip.path)
             save_npy_atomic(prediction_path, prob.astype(np.float32))
             save_npy_atomic(feature_path, feature.astype(np.float32))
+            manifest.add(clip.path)
             if reason:
                 counts['partial'] += 1
                 failures.record(clip.path, 'kept-partial', read, claimed, reason)
@@ -198,13 +214,13 @@ def extract_shard(args):
         stop.set()
     seconds = time.time() - progress.start
     summary = dict(shard=args.shard, num_shards=args.num_shards, clips_in_shard=end - start,
-                   done_before=done_before, seconds=round(seconds, 1),
+                   done_before=(end - start) - len(todo), extraction=record['tag'], seconds=round(seconds, 1),
                    frames_per_second=round(progress.done / max(seconds, 1e-9), 2),
                    failures_file=failures.path, **counts)
-    with atomic_path(os.path.join(args.log_dir, f'summary_{tag}.json')) as tmp, open(tmp, 'w') as f:
+    with atomic_path(os.path.join(args.log_dir, f'summary_{shard_name}.json')) as tmp, open(tmp, 'w') as f:
         json.dump(summary, f, indent=1)
     print(f'shard {args.shard} done: {counts["complete"]} clips complete, {counts["partial"]} kept partial, '
-          f'{counts["skipped"]} skipped, {done_before} done before; {summary["frames_per_second"]} frames/s'
+          f'{counts["skipped"]} skipped, {summary["done_before"]} done before; {summary["frames_per_second"]} frames/s'
           + (f'; see {failures.path}' if failures.rows else ''), file=sys.stderr)
     return summary
 
@@ -219,16 +235,20 @@ def parse_args(argv=None):
     p.add_argument('--features-dir', default='UCF-101_features')
     p.add_argument('--predictions-dir', default='UCF-101_framePrediction')
     p.add_argument('--log-dir', default='extraction_logs', help='failures and summary files of each shard')
-    p.add_argument('--shard', type=int, default=0, help='which shard this job does, 0 .. num-shards-1')
-    p.add_argument('--num-shards', type=int, default=12)
+    p.add_argument('--shard', type=nonnegative_int, default=0, help='which shard this job does, 0 .. num-shards-1')
+    p.add_argument('--num-shards', type=positive_int, default=12)
     p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
-    p.add_argument('--batchsize', '-b', type=int, default=32, help='frames per forward pass')
-    p.add_argument('--loaderjob', '-j', type=int, default=2, help='decoding threads (FFmpeg decodes outside the GIL)')
-    p.add_argument('--prefetch', type=int, default=8, help='decoded batches allowed to wait for the network')
+    p.add_argument('--batchsize', '-b', type=positive_int, default=32, help='frames per forward pass')
+    p.add_argument('--loaderjob', '-j', type=positive_int, default=2,
+                   help='decoding threads (FFmpeg decodes outside the GIL)')
+    p.add_argument('--prefetch', type=positive_int, default=8, help='decoded batches allowed to wait for the network')
     p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
                    help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
                         "Chainer's own either way); stock: Chainer's own")
     p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
+    p.add_argument('--allow-other-split', action='store_true',
+                   help='extract with a model fine-tuned on another split (its training clips include test clips '
+                        'of this split: every accuracy comes out inflated)')
     args = p.parse_args(argv)
     if not 0 <= args.shard < args.num_shards:
         p.error(f'--shard must be in 0..{args.num_shards - 1}')

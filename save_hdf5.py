@@ -9,7 +9,10 @@ the clip order, so later steps need nothing else. Clips are streamed one at a ti
 full scale) and each file is written under a temporary name, renamed only when complete.
 
 Every clip of the split must have its files; the missing ones are listed (with the reason from the extraction
-failures files, when there is one) and nothing is written, unless --skip-missing.
+failures files, when there is one) and nothing is written, unless --skip-missing. All files must come from one
+extraction (one model, this split: saveFeatures_1024.py records which wrote each clip); mixed ones are refused.
+Each file's 'provenance' attribute holds the extraction's record (model digest, split, input size,
+preprocessing, code version).
 """
 import argparse
 import csv
@@ -20,7 +23,8 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import (DataError, Progress, atomic_path, clip_stem, ensure_space, exit_on_user_error,
+from helperFunctions import (DataError, ExtractionManifest, Progress, atomic_path, clip_stem, describe_extraction,
+                             ensure_space, exit_on_user_error, make_provenance, parse_provenance, provenance_text,
                              read_class_index, read_split, run_isolated, warn)
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
@@ -75,7 +79,7 @@ def write_packed(out_path, items, total, classes, **attrs):
 def _write_hdf5(tmp, items, total, classes, attrs, title):
     progress = Progress(total, 'clips', f'{title}: ', interval=5)
     names, labels, frames, dim = [], [], 0, None
-    with h5py.File(tmp, 'w') as f:
+    with open_hdf5(tmp, 'w') as f:
         for name, label, array in items:
             dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
             dataset.attrs['label'] = label
@@ -108,6 +112,43 @@ def npy_items(clips, folder):
         yield clip_stem(clip.path), clip.label, array
 
 
+def open_hdf5(path, mode):
+    """h5py.File, with the one fix that shared file systems need said in one line."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if 'lock' in str(e).lower():
+            raise DataError(f'{path}: this file system refuses HDF5 file locks ({e}); run '
+                            '`export HDF5_USE_FILE_LOCKING=FALSE` (in job scripts too) and rerun') from None
+        raise
+
+
+def one_extraction(plan, features_dir, predictions_dir, split):
+    """The record of the one extraction that wrote every file to pack (plan: [(clips, kind)]); DataError when the
+    files come from several (another model's features left in place), from none on record, or another split."""
+    manifest = ExtractionManifest(features_dir, predictions_dir)
+    records, groups = manifest.records(), {}
+    for clips, kind in plan:
+        for clip in clips:
+            groups.setdefault(manifest.tag_of(clip.path, (kind,)), []).append(clip.path)
+    if len(groups) > 1 or None in groups:
+        lines = [f'  {len(paths)} clips (e.g. {paths[0]}): '
+                 + (describe_extraction(records.get(tag)) if tag else
+                    'no record of the extraction that wrote them (an older version, or files changed since)')
+                 for tag, paths in sorted(groups.items(), key=lambda item: -len(item[1]))]
+        raise DataError(f'the files in {features_dir}/ and {predictions_dir}/ do not all come from one '
+                        'extraction:\n' + '\n'.join(lines) + '\nRerun ./saveFeatures.sh with the model you want '
+                        '(it re-extracts every clip that came from anything else), then pack again.')
+    tag = next(iter(groups), None)
+    record = records.get(tag)
+    if record is None:
+        raise DataError(f'{features_dir}/.extractions/{tag}.json is missing; rerun ./saveFeatures.sh')
+    if record.get('split') != split:
+        raise DataError(f'the files in {features_dir}/ come from {describe_extraction(record)}, not split {split}; '
+                        f'pack with --split {record.get("split")}, or extract split {split}')
+    return record
+
+
 def read_clip(f, name):
     """(frames x dims array, label) of one clip of an open packed file."""
     dataset = f[name]
@@ -119,14 +160,14 @@ def read_hdf5_header(path, expect_split=None, expect_subset=None):
     if not os.path.isfile(path):
         raise DataError(f'{path}: not found; make it with `python save_hdf5.py` (Part 2)')
     try:
-        with h5py.File(path, 'r') as f:
+        with open_hdf5(path, 'r') as f:
             attrs = {k: f.attrs[k] for k in f.attrs}
             if '_index' in f:
                 attrs.update(clips=[c.decode() for c in f['_index/clips'][()]],
                              labels=f['_index/labels'][()],
                              classes=[c.decode() for c in f['_index/classes'][()]])
     except OSError as e:
-        raise DataError(f'{path}: not a readable HDF5 file ({e}); make it again with save_hdf5.py') from e
+        raise DataError(f'{path}: not a readable HDF5 file ({e}); make it again with save_hdf5.py') from None
     for key, expected in (('split', expect_split), ('subset', expect_subset), ('clips', None)):
         if key not in attrs:
             raise DataError(f'{path}: no {key!r} attribute; was it written by save_hdf5.py?')
@@ -135,6 +176,12 @@ def read_hdf5_header(path, expect_split=None, expect_subset=None):
                             f'split, or --split {attrs[key]}' if key == 'split' else
                             f'{path} holds the {attrs[key]} clips, not the {expected} ones')
     return attrs
+
+
+def file_provenance(path, header=None):
+    """The provenance record of a packed file (its path added); {'source': 'unknown'} for files from before."""
+    header = header or read_hdf5_header(path)
+    return dict(parse_provenance(header.get('provenance')), path=os.path.abspath(path))
 
 
 def main(argv=None):
@@ -153,11 +200,15 @@ def main(argv=None):
         folders = {'features': args.features_dir, 'predictions': args.predictions_dir}
         plan = [(check_complete(subsets[s], folders[k], args.log_dir, args.skip_missing, k), s, k, name)
                 for s, k, name in OUTPUTS]  # check all before writing anything
+        extraction = one_extraction([(clips, kind) for clips, _, kind, _ in plan], args.features_dir,
+                                    args.predictions_dir, args.split)
+        record = provenance_text(make_provenance('save_hdf5.py', extraction=extraction))
         for clips, subset, kind, name in plan:
             ensure_space(os.path.join(args.out_dir, name), sum(
                 os.path.getsize(os.path.join(folders[kind], clip_stem(c.path) + '.npy')) for c in clips))
             n_clips, n_frames = write_packed(os.path.join(args.out_dir, name), npy_items(clips, folders[kind]),
-                                             len(clips), classes, split=args.split, subset=subset, kind=kind)
+                                             len(clips), classes, split=args.split, subset=subset, kind=kind,
+                                             provenance=record)
             print(f'wrote {os.path.join(args.out_dir, name)}: {n_clips} clips, {n_frames} frames', file=sys.stderr)
 
 

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 
 from confusion import report_model, save_results
-from helperFunctions import DataError, exit_on_user_error
-from save_hdf5 import read_clip, read_hdf5_header
+from helperFunctions import DataError, exit_on_user_error, make_provenance, provenance_text
+from save_hdf5 import file_provenance, read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
 
@@ -32,7 +32,7 @@ def clip_scores(path):
             prob, label = read_clip(f, name)
             scores[i] = np.log(np.maximum(prob.astype(np.float64), LOG_FLOOR)).sum(axis=0)
             labels.append(label)
-    return header['clips'], np.array(labels), scores, header['classes'], header['split']
+    return header['clips'], np.array(labels), scores, header['classes'], header['split'], file_provenance(path, header)
 
 
 def main(argv=None):
@@ -42,8 +42,9 @@ def main(argv=None):
     p.add_argument('--out', '-o', default='report', help='folder for the confusion matrix and tables')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        clips, labels, scores, classes, split = clip_scores(args.predictions)
-        save_results(args.results, clips, labels, scores, classes, split=split, model='single frame')
+        clips, labels, scores, classes, split, source = clip_scores(args.predictions)
+        save_results(args.results, clips, labels, scores, classes, split=split, model='single frame',
+                     provenance=provenance_text(make_provenance('singleFrameAccuracy.py', input=source)))
         os.makedirs(args.out, exist_ok=True)
         accuracies, _ = report_model(dict(labels=labels, scores=scores, classes=np.array(classes)),
                                      os.path.join(args.out, 'singleFrame'), 'single frame')

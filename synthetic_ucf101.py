@@ -204,12 +204,17 @@ if __name__ == '__main__':
 
 def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), frames=(29, 900), dim=1024,
                         seed=0, mean_frames=186, lists=None):
-    """Lists plus per-clip feature and prediction .npy files as saveFeatures_1024.py writes them, without videos:
+    """Lists plus per-clip feature and prediction .npy files (and the extraction manifest) as saveFeatures_1024.py
+    writes them, without videos:
     for testing and benchmarking the packing and normalisation at full UCF-101 scale (with `lists`, the real
     split files: 13,320 clips, about 2.5 million frames). Frame counts follow a log-normal around
     `mean_frames`."""
-    from helperFunctions import clip_group, read_class_index, read_split
+    from helperFunctions import ExtractionManifest, clip_group, make_provenance, read_class_index, read_split
     rng = np.random.default_rng(seed)
+    manifest = ExtractionManifest(os.path.join(out, 'UCF-101_features'), os.path.join(out, 'UCF-101_framePrediction'))
+    manifest.start(make_provenance('saveFeatures_1024.py', tag=f'generated{seed}', split=1, insize=0,
+                                   preprocessing='none: generated features', options={},
+                                   model=dict(path='none', digest='generated', split=1, source='write_fake_features')))
     if lists:
         classes = read_class_index(lists)
         clips = sorted({(c.path, c.label, clip_group(c.path)) for s in ('train', 'test')
@@ -235,5 +240,6 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
             path = os.path.join(out, folder, stem)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             np.save(path, array)
+        manifest.add(rel)
         total += n
     return len(clips), total

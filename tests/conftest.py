@@ -40,7 +40,7 @@ def small_vgg(tmp_path_factory):
     np.random.seed(0)
     model = VGGNet.VGGNet(32, (4, 4, 8, 8, 8), 32)
     VGGNet.calibrate_random(model)
-    VGGNet.save_model(model, path, 'random-init(test)')
+    VGGNet.save_model(model, path, {'source': 'random-init(test)'})
     return path
 
 
@@ -52,7 +52,7 @@ def tiny_model(tmp_path_factory, small_vgg, tiny_ucf):
     import VGGNet_1024
     path = str(tmp_path_factory.mktemp('model') / 'VGG_1024.model')
     vgg, _ = VGGNet.load_vgg(small_vgg)
-    VGGNet.save_model(VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=0), path, 'test')
+    VGGNet.save_model(VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=0), path, {'source': 'test'})
     return path
 
 

@@ -21,7 +21,8 @@ from helperFunctions import clip_stem, preprocess_frame, read_frames, read_split
 
 
 def npy_files(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
+                  if f.endswith('.npy'))
 
 
 def test_shard_ranges_cover_everything_and_balance_frames():

@@ -70,7 +70,8 @@ def files(folder):
 
 
 def whole_files(folder):
-    return [f for f in files(folder) if not os.path.basename(f).startswith('.')]
+    """Files under their final names: not the hidden temporary files, not the hidden .extractions/ manifest."""
+    return [f for f in files(folder) if not any(part.startswith('.') for part in f.split(os.sep))]
 
 
 def kill_when(proc, condition, extra_delay, timeout=120):
@@ -403,7 +404,7 @@ def bad_input_cases(tiny_ucf, small_vgg, tmp_path):
                   str(tmp_path / 'garbage.model')))
     import VGGNet
     other = str(tmp_path / 'VGG64.model')
-    VGGNet.save_model(VGGNet.VGGNet(64, (4, 4, 8, 8, 8), 32), other, 'test')
+    VGGNet.save_model(VGGNet.VGGNet(64, (4, 4, 8, 8, 8), 32), other, {'source': 'test'})
     cases.append(('VGG.model of another input size', 'its fc6 is for 64x64 inputs', os.path.join(
         root, 'ucfTrainTestlist'), data, other, '--insize', '32'))
     return cases
@@ -544,7 +545,7 @@ def test_extraction_disk_full(tiny_ucf, tiny_model, tmp_path):
     result = run('saveFeatures_1024.py', *args, limit_bytes=1500)
     line = error_line(result)
     assert result.returncode == 1 and 'File too large' in line, result.stderr
-    leftovers = [f for f in files(tmp_path / 'UCF-101_features')] if (tmp_path / 'UCF-101_features').exists() else []
+    leftovers = whole_files(tmp_path / 'UCF-101_features') if (tmp_path / 'UCF-101_features').exists() else []
     assert all(os.path.basename(f).startswith('.') is False for f in leftovers)
     for name in leftovers:
         np.load(tmp_path / 'UCF-101_features' / name)

@@ -60,7 +60,8 @@ def test_caffemodel_converter(tmp_path, layout):
     VGGNet.main(['--from-caffemodel', str(tmp_path / 'VGG_ILSVRC_16_layers.caffemodel'),
                  '-o', str(tmp_path / 'VGG.model')])
     model, provenance = VGGNet.load_vgg(str(tmp_path / 'VGG.model'))
-    assert provenance == 'caffe:VGG_ILSVRC_16_layers.caffemodel' and model.insize == 32
+    assert provenance['source'] == 'caffe:VGG_ILSVRC_16_layers.caffemodel' and model.insize == 32
+    assert provenance['step'] == 'VGGNet.py' and len(provenance['digest']) == 16 and provenance['code']
     weights = {name: arrays for name, _, arrays in layers}
     for name, p in model.namedparams():
         layer, key = name.lstrip('/').split('/')
@@ -112,7 +113,7 @@ def test_chainer_npz_converter(tmp_path):
     np.savez(tmp_path / 'vgg16.npz', **params)  # the key layout of chainer.links.VGG16Layers' file
     VGGNet.main(['--from-npz', str(tmp_path / 'vgg16.npz'), '-o', str(tmp_path / 'VGG.model')])
     model, provenance = VGGNet.load_vgg(str(tmp_path / 'VGG.model'))
-    assert provenance == 'npz:vgg16.npz'
+    assert provenance['source'] == 'npz:vgg16.npz'
     assert all(np.array_equal(p.array, params[n.lstrip('/')]) for n, p in model.namedparams())
 
 

@@ -55,13 +55,26 @@ def test_resume_after_interruption(tiny_ucf, small_vgg, tmp_path):
     snapshots = sorted(p for p in os.listdir(tmp_path) if p.startswith('snapshot'))
     assert snapshots == ['snapshot_iter_10', 'snapshot_iter_5']
     first = VGGNet_1024.load_model(str(tmp_path / 'VGG_1024.model'))
-    trainer, model = frameBasedTrain.make_trainer(
+    trainer, model, _ = frameBasedTrain.make_trainer(
         frameBasedTrain.parse_args(train_args(tiny_ucf, small_vgg, tmp_path, '--epoch', '3', '--resume', 'auto')))
     assert trainer.updater.iteration == 10 and trainer.updater.epoch == 2
     assert np.array_equal(model.fc7.W.array, first.fc7.W.array)
     trainer.run()
     assert trainer.updater.iteration == 15
     assert not np.array_equal(model.fc7.W.array, first.fc7.W.array)
+    # The interrupted and resumed run is the run that was interrupted: the same weights as 3 epochs in one go
+    # (frame order, frames drawn, augmentations and dropout all continue from the snapshot's random state).
+    whole = tmp_path / 'whole'
+    frameBasedTrain.main(train_args(tiny_ucf, small_vgg, whole, '--epoch', '3'))
+    assert np.array_equal(model.fc7.W.array, VGGNet_1024.load_model(str(whole / 'VGG_1024.model')).fc7.W.array)
+
+
+def test_resume_with_other_settings_is_refused(tiny_ucf, small_vgg, tmp_path):
+    frameBasedTrain.main(train_args(tiny_ucf, small_vgg, tmp_path, '--epoch', '1'))
+    with pytest.raises(SystemExit, match=r"error: the snapshot is of a run with other settings: --lr 0.01 there, "
+                                         r"0.02 now.*another --out"):
+        frameBasedTrain.main(train_args(tiny_ucf, small_vgg, tmp_path, '--epoch', '2', '--resume', 'auto',
+                                        '--lr', '0.02'))
 
 
 def test_resume_from_missing_snapshot_fails_clearly(tiny_ucf, small_vgg, tmp_path):
