@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 def topk_accuracies(labels, scores, ks=(1, 5, 10)):
     """Top-k accuracy for each k; a k at or beyond the number of classes is 1 by definition."""
     n_classes = scores.shape[1]
+    if n_classes == 2:  # scikit-learn reads two columns as a binary problem and wants one column of scores
+        return tuple(1.0 if k >= 2 else float(np.mean(np.argmax(scores, axis=1) == labels)) for k in ks)
     return tuple(1.0 if k >= n_classes else
                  float(top_k_accuracy_score(labels, scores, k=k, labels=np.arange(n_classes))) for k in ks)
 

@@ -5,7 +5,16 @@
     python generate_pbs.py --scheduler local       # run the shards here, one after another
     python generate_pbs.py --dry-run               # print the scripts and the submit commands only
 
-Arguments after `--` go to saveFeatures_1024.py unchanged (e.g. `-- --split 2 --batchsize 64`).
+Arguments after `--` go to saveFeatures_1024.py unchanged (e.g. `-- --split 2 --batchsize 64`); they are checked
+with its own parser first. Run it from the folder that holds the data (UCF-101/, ucfTrainTestlist/,
+VGG_1024.model; the code may live elsewhere): the jobs cd to the folder they were submitted from. Before writing
+or submitting anything it checks the scheduler's command, the data, the lists and the model.
+
+On a Cray such as Blue Waters (the handout's machine), every command needs the launcher, and the module system
+may need its init script first (--setup and --module lines run in the order given):
+
+    python generate_pbs.py --launcher 'aprun -n 1 -N 1' --nodes 1:ppn=16:xk \
+        --setup 'source /opt/modules/default/init/bash' --module bwpy --python 'python3'
 
 The PBS scripts also run under Slurm's PBS wrapper (`qsub` from slurm-wlm-torque), where PBS_O_WORKDIR and
 PBS_ARRAYID are empty: they fall back to SLURM_SUBMIT_DIR and SLURM_ARRAY_TASK_ID.
@@ -13,21 +22,28 @@ PBS_ARRAYID are empty: they fall back to SLURM_SUBMIT_DIR and SLURM_ARRAY_TASK_I
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
-from helperFunctions import atomic_path
+from helperFunctions import atomic_path, exit_on_user_error, nonnegative_int, positive_int
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
 DOCTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'doctor.py')
 
 
+def launched(args, argv):
+    """The launcher (aprun on a Cray, srun, mpirun ...), the interpreter (shell words: 'python3 -u' or
+    'apptainer exec img.sif python' work), then the command."""
+    return [*shlex.split(args.launcher), *shlex.split(args.python), *argv]
+
+
 def extraction_argv(args, shard):
-    """The command of one shard: the interpreter, saveFeatures_1024.py, the shard, and the pass-through arguments."""
-    return [args.python, SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards), '--device', args.device,
-            *args.extra]
+    """The command of one shard: saveFeatures_1024.py, the shard, and the pass-through arguments."""
+    return launched(args, [SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards), '--device',
+                           args.device, *args.extra])
 
 
 def doctor_argv(args):
@@ -35,7 +51,7 @@ def doctor_argv(args):
     spec = args.device
     gpu = spec.startswith('@cupy') or (spec.lstrip('-').isdigit() and int(spec) >= 0)
     device = spec.rsplit(':', 1)[-1] if spec.startswith('@cupy') else spec if gpu else '0'
-    return [args.python, DOCTOR, '--quick', '--device', device] + (['--require-gpu'] if gpu else [])
+    return launched(args, [DOCTOR, '--quick', '--device', device] + (['--require-gpu'] if gpu else []))
 
 
 def shell_line(argv):
@@ -49,8 +65,7 @@ def job_body(args, shard_expression):
              '# Torque/PBS sets PBS_O_WORKDIR; under Slurm (also via its qsub wrapper) it is empty.',
              'cd "${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:-%s}}"' % shlex.quote(os.path.abspath(args.workdir)),
              f'SHARD={shard_expression}']
-    lines += [f'module load {m}' for m in args.module]
-    lines += args.setup
+    lines += [f'module load {value}' if kind == 'module' else value for kind, value in args.prelude]
     lines.append('echo "shard $SHARD of %d on $(hostname), $(date)"' % args.num_shards)
     if args.doctor:  # a node that cannot run the shard stops here, in a minute, with the reason in the log
         lines.append(shell_line(doctor_argv(args)))
@@ -127,44 +142,81 @@ def run_local(args):
         sys.exit(f'error: shards {failed} failed; see their logs in {args.log_dir}/ and rerun (done clips are kept)')
 
 
+class InOrder(argparse.Action):
+    """--module and --setup lines, kept in the order given (a site's init script may have to come first)."""
+
+    def __call__(self, parser, namespace, value, option=None):
+        namespace.prelude = [*(getattr(namespace, 'prelude', None) or []), (self.dest, value)]
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scheduler', default='pbs', choices=('pbs', 'slurm', 'local'))
-    p.add_argument('--num-shards', type=int, default=12)
+    p.add_argument('--num-shards', type=positive_int, default=12)
     p.add_argument('--walltime', default='02:30:00')
     p.add_argument('--name', default='saveFeatures', help='job name and log file prefix')
     p.add_argument('--script-dir', default='jobs', help='where the job scripts are written')
     p.add_argument('--log-dir', default='jobs', help='where the jobs write their output')
     p.add_argument('--workdir', default='.', help='folder the jobs run in when the scheduler does not say')
-    p.add_argument('--python', default=sys.executable, help='interpreter the jobs use (default: this one)')
+    p.add_argument('--python', default=sys.executable,
+                   help='interpreter the jobs use, as shell words (default: this one)')
+    p.add_argument('--launcher', default='',
+                   help="prefix of every command in a job: 'aprun -n 1 -N 1' on a Cray (Blue Waters: without it "
+                        "the job runs on a service node with no GPU), 'srun -n 1', 'mpirun -n 1' ...")
     p.add_argument('--device', default=None,
                    help='--device of saveFeatures_1024.py (default: 0, the GPU; -1, the CPU, in local mode)')
-    p.add_argument('--module', action='append', default=[], help='`module load` this (repeatable)')
-    p.add_argument('--setup', action='append', default=[], help='a shell line run before the shard (repeatable)')
-    p.add_argument('--nodes', default='1:ppn=16:xk', help="PBS '-l nodes=' (Blue Waters: a GPU XK node)")
+    p.add_argument('--module', action=InOrder, default=None,
+                   help='`module load` this (repeatable; with --setup, in the order given)')
+    p.add_argument('--setup', action=InOrder, default=None,
+                   help='a shell line run before the shard (repeatable; e.g. `source /opt/modules/default/init/bash`)')
+    p.add_argument('--nodes', default='1:ppn=4:gpus=1',
+                   help="PBS '-l nodes=' (Torque's GPU node syntax; Blue Waters: 1:ppn=16:xk)")
     p.add_argument('--queue', default='', help='PBS queue (-q)')
     p.add_argument('--pbs-option', action='append', default=[], help='another #PBS line (repeatable)')
     p.add_argument('--partition', default='', help='Slurm partition')
-    p.add_argument('--gpus', type=int, default=1, help='GPUs per Slurm job (0: none)')
-    p.add_argument('--cpus', type=int, default=4, help='CPUs per Slurm job')
+    p.add_argument('--gpus', type=nonnegative_int, default=1, help='GPUs per Slurm job (0: none)')
+    p.add_argument('--cpus', type=positive_int, default=4, help='CPUs per Slurm job')
     p.add_argument('--slurm-option', action='append', default=[], help='another #SBATCH line (repeatable)')
-    p.add_argument('--parallel', type=int, default=1, help='local mode: shards run at once')
+    p.add_argument('--parallel', type=positive_int, default=1, help='local mode: shards run at once')
     p.add_argument('--doctor', action='store_true',
                    help='start every job with doctor.py (--require-gpu for a GPU device): a node whose GPU stack is '
                         'broken fails in a minute, with the reason in the job log')
     p.add_argument('--dry-run', action='store_true', help='print the scripts and submit commands, submit nothing')
     args = p.parse_args(argv)
-    args.extra = extra
+    args.extra, args.prelude = extra, getattr(args, 'prelude', None) or []
     if args.device is None:
         args.device = '-1' if args.scheduler == 'local' else '0'
+    # What the jobs will be told, checked now with saveFeatures_1024.py's own parser (exit 2 on a bad value),
+    # not by 12 jobs failing in the queue.
+    import saveFeatures_1024
+    args.shard_args = saveFeatures_1024.parse_args(['--shard', '0', '--num-shards', str(args.num_shards),
+                                                    '--device', args.device, *extra])
     return args
+
+
+def preflight(args):
+    """Before any script is written or submitted: the scheduler's command, the data, the lists, the model."""
+    from helperFunctions import DataError, check_clips_on_disk, read_split
+    command = {'pbs': 'qsub', 'slurm': 'sbatch'}.get(args.scheduler)
+    if command and not shutil.which(command):
+        raise DataError(f'{command} not found on PATH: run this on the cluster\'s login node, or choose '
+                        '--scheduler slurm/pbs/local (--dry-run writes nothing and only prints the scripts)')
+    shard = args.shard_args
+    clips = [c for s in shard.subsets for c in read_split(shard.lists, shard.split, s)]
+    check_clips_on_disk(shard.data, clips, shard.skip_missing)
+    if not os.path.isfile(shard.model):
+        raise DataError(f'{shard.model}: fine-tuned model not found (the jobs run in {os.getcwd()}); make it with '
+                        '`python frameBasedTrain.py` (Part 1), or pass -- --model PATH')
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.dry_run:
+        with exit_on_user_error():
+            preflight(args)
     if args.scheduler == 'local':
         if args.doctor and not args.dry_run and subprocess.run(doctor_argv(args)).returncode:
             sys.exit('error: doctor.py found this machine not ready (see above); no shard was started')

@@ -907,7 +907,7 @@ def stop_on_divergence(model, out):
                 problem = f'parameter {name} holds NaN or inf'
         if problem:
             optimizer = trainer.updater.get_optimizer('main')
-            lr = getattr(optimizer, 'lr', None) or getattr(optimizer, 'alpha', None)
+            lr = getattr(optimizer, 'alpha', None) or optimizer.lr  # Adam: alpha is what --lr sets
             raise DataError(f'training diverged at iteration {trainer.updater.iteration} (epoch '
                             f'{trainer.updater.epoch + 1}): {problem}, learning rate {lr:g}. No model was written; '
                             f'the last good snapshot in {out}/ stays. Try a learning rate ten times lower '

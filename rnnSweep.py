@@ -5,11 +5,13 @@
 trains one model per combination of the --grid values (each `rnn.py` flag=value list; a flag without values,
 like `--grid batchnorm=on,off`, is switched on or off), the arguments after `--` going to every run, and writes
 sweep_results.md and sweep_results.csv: configuration, final training loss and accuracy, and test top-1/5/10 of
-every inference technique. Each run keeps its own folder in --out, and a run that is already complete (its
-results file exists) is not trained again, so an interrupted sweep continues where it stopped.
+every inference technique. Each run keeps its own folder in --out, named by its grid values and a digest of all
+its settings (the arguments after `--` included), and a run that is already complete with exactly those settings
+is not trained again, so an interrupted sweep continues where it stopped while a changed argument trains anew.
 """
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -44,6 +46,12 @@ def run_name(setting):
     return '_'.join(f'{name}={value}' for name, value in setting) or 'base'
 
 
+def run_settings(run_args):
+    """Everything that makes a run what it is: rnn.py's parsed arguments but where it writes."""
+    settings = vars(rnn.parse_args(run_args))
+    return {k: v for k, v in settings.items() if k not in ('out', 'model_out', 'results', 'resume')}
+
+
 def final_training(out):
     """Training loss and accuracy of the last epoch, from the run's LogReport file."""
     with open(os.path.join(out, 'log')) as f:
@@ -64,21 +72,25 @@ def main(argv=None):
     rows = []
     for i, setting in enumerate(settings, 1):
         name = run_name(setting)
-        out = os.path.join(args.out, name)
+        full = run_settings([*common, *flags_for(setting)])
+        out = os.path.join(args.out, f'{name}_{hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]}')
         results = os.path.join(out, 'lstm_results.npz')
         run_args = [*common, *flags_for(setting), '--out', out, '--model-out', os.path.join(out, 'rnn.model'),
                     '--results', results]
-        techniques = rnn.parse_args(run_args).inference
-        print(f'=== run {i} of {len(settings)}: {name}', file=sys.stderr, flush=True)
-        if os.path.isfile(results) and os.path.isfile(os.path.join(out, 'final.json')):
-            with open(os.path.join(out, 'final.json')) as f:
-                final = {t: tuple(v) for t, v in json.load(f).items()}
+        print(f'=== run {i} of {len(settings)}: {name} ({out})', file=sys.stderr, flush=True)
+        done = os.path.join(out, 'final.json')
+        stored = {}
+        if os.path.isfile(results) and os.path.isfile(done):
+            with open(done) as f:
+                stored = json.load(f)
+        if stored.get('settings') == full:
+            final = {t: tuple(v) for t, v in stored['accuracies'].items()}
         else:
             final, _ = rnn.main(run_args + ['--resume', 'auto'])
-            with atomic_path(os.path.join(out, 'final.json')) as tmp, open(tmp, 'w') as f:
-                json.dump(final, f)
+            with atomic_path(done) as tmp, open(tmp, 'w') as f:
+                json.dump(dict(settings=full, accuracies=final), f)
         loss, accuracy = final_training(out)
-        for technique in techniques:
+        for technique in full['inference']:
             rows.append(dict(configuration=name, inference=technique, train_loss=f'{loss:.4f}',
                              train_accuracy=f'{accuracy:.3f}',
                              **{f'top{k}': f'{a:.3f}' for k, a in zip((1, 5, 10), final[technique])}))

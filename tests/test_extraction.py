@@ -199,3 +199,9 @@ def test_most_confused_lists_only_real_confusions():
     pairs = confusion.most_confused(counts, ['A', 'B', 'C'], n=10)
     assert [(t, p, c) for t, p, _, c in pairs] == [('C', 'A', 2), ('A', 'C', 1)]
     assert confusion.most_confused(np.diag([3, 4]), ['A', 'B']) == []
+
+
+def test_topk_with_two_classes():
+    import confusion
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert confusion.topk_accuracies(np.array([0, 1, 1]), scores) == (2 / 3, 1.0, 1.0)

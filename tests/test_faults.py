@@ -4,6 +4,7 @@ Each test records the fault it injected and the outcome it observed; at the end 
 docs/FAULTS.md (README links it), so the table always says what the code did on the last run, not what we hoped.
 """
 import csv
+import json
 import os
 import re
 import resource
@@ -551,3 +552,162 @@ def test_extraction_disk_full(tiny_ucf, tiny_model, tmp_path):
         np.load(tmp_path / 'UCF-101_features' / name)
     record('disk full', 'files limited to 1,500 bytes during extraction', 'saveFeatures_1024.py',
            f'exit 1: {line[:140]}...; {len(leftovers)} whole files kept, no partial one; a rerun resumes')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trust: provenance, no silent reuse of another model's features, no split leak, no divergence written out
+# ----------------------------------------------------------------------------------------------------------
+
+def other_model(tiny_ucf, small_vgg, path, seed, split=None):
+    """A VGG_1024.model for the tiny set other than tiny_model (other fc7/fc8), fine-tuned 'on' `split`."""
+    import VGGNet
+    import VGGNet_1024
+    vgg, _ = VGGNet.load_vgg(small_vgg)
+    record_fields = {'source': f'test seed {seed}'} if split is None else {'step': 'frameBasedTrain.py',
+                                                                           'source': 'test', 'split': split}
+    VGGNet.save_model(VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=seed), str(path), record_fields)
+    return str(path)
+
+
+def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extracted, tmp_path):
+    """The handout's second experiment: a new VGG_1024.model, then Parts 2-3 again in the same folders."""
+    work = tmp_path / 'work'
+    shutil.copytree(extracted, work)
+    new = other_model(tiny_ucf, small_vgg, tmp_path / 'VGG_1024_augmented.model', seed=7)
+    args = extraction_args(tiny_ucf, new, str(work), '--num-shards', '2')
+    result = run('saveFeatures_1024.py', *args, '--shard', '0')  # half of the clips re-extracted, as if killed
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'warning: \d+ clips of this shard hold files of another extraction', result.stderr)
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
+    line = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and 'do not all come from one extraction' in result.stderr, result.stderr
+    assert sum('clips (e.g.' in l for l in line) == 2 and not list((tmp_path).glob('packed/*.hdf5'))
+    record('provenance', 'a second VGG_1024.model, extraction rerun on half the shards', 'save_hdf5.py',
+           f'exit 1: "{line[0][:90]}..." then one line per extraction with its clip count; nothing written')
+    result = run('saveFeatures_1024.py', *args, '--shard', '1')
+    assert result.returncode == 0, result.stderr
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
+    assert result.returncode == 0, result.stderr
+    import VGGNet_1024
+    model = VGGNet_1024.load_model(new)
+    with h5py.File(tmp_path / 'packed' / 'test1024.hdf5', 'r') as f:
+        name = f['_index/clips'][0].decode()
+        _, feature = model.predict(np.stack([preprocess(tiny_ucf, name)]))
+        assert np.allclose(f[name][0], feature[0], atol=1e-5)  # the new model's features, not the old ones
+        packed_record = json.loads(f.attrs['provenance'])
+    assert packed_record['extraction']['model']['digest'] == model.provenance['digest']
+    record('provenance', 'the same extraction finished on every shard', 'save_hdf5.py',
+           f'packed; the files record extraction {packed_record["extraction"]["tag"]} (model digest '
+           f'{model.provenance["digest"]}) and hold the new model\'s features')
+
+
+def preprocess(tiny_ucf, name):
+    """The first frame of clip `name` (a packed dataset's name), as the network sees it."""
+    from helperFunctions import preprocess_frame
+    root, _ = tiny_ucf
+    clip = next(c for s in ('train', 'test') for c in read_split(os.path.join(root, 'ucfTrainTestlist'), 1, s)
+                if clip_stem(c.path) == name)
+    return preprocess_frame(read_frames(os.path.join(root, 'UCF-101', clip.path))[0], 32)
+
+
+def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):
+    model = other_model(tiny_ucf, small_vgg, tmp_path / 'VGG_1024.model', seed=3, split=1)
+    args = extraction_args(tiny_ucf, model, str(tmp_path), '--num-shards', '4', '--shard', '0', '--split', '2')
+    result = run('saveFeatures_1024.py', *args)
+    line = error_line(result)
+    assert result.returncode == 1 and 'fine-tuned on split 1' in line and '--allow-other-split' in line, line
+    assert not (tmp_path / 'UCF-101_features').exists()
+    record('split leak', 'extract split 2 with a model fine-tuned on split 1', 'saveFeatures_1024.py',
+           f'exit 1: {line}')
+    result = run('saveFeatures_1024.py', *args, '--allow-other-split')
+    assert result.returncode == 0, result.stderr
+
+
+def results_file(path, tag):
+    from confusion import save_results
+    from helperFunctions import make_provenance, provenance_text
+    extraction = make_provenance('saveFeatures_1024.py', tag=tag, split=1, model={'digest': tag, 'split': 1})
+    save_results(str(path), ['A/v_A_g01_c01', 'B/v_B_g01_c01', 'C/v_C_g01_c01'], [0, 1, 2], np.eye(3),
+                 ['A', 'B', 'C'], split=1,
+                 provenance=provenance_text(make_provenance('x', input=make_provenance('save_hdf5.py',
+                                                                                       extraction=extraction))))
+    return str(path)
+
+
+def test_comparison_of_different_extractions_is_refused(tmp_path):
+    result = run('confusion.py', '--single', results_file(tmp_path / 's.npz', 'aaaa'),
+                 '--lstm', results_file(tmp_path / 'l.npz', 'bbbb'), '--out', str(tmp_path / 'report'))
+    line = error_line(result)
+    assert result.returncode == 1 and 'extraction aaaa' in line and 'extraction bbbb' in line, result.stderr
+    record('provenance', 'single-frame and LSTM results from different extractions', 'confusion.py',
+           f'exit 1: {line[:160]}...')
+    result = run('confusion.py', '--single', results_file(tmp_path / 's.npz', 'aaaa'),
+                 '--lstm', results_file(tmp_path / 'l.npz', 'aaaa'), '--out', str(tmp_path / 'report'))
+    assert result.returncode == 0, result.stderr
+    chain = json.loads((tmp_path / 'report' / 'provenance.json').read_text())
+    assert chain['lstm']['input']['extraction']['tag'] == 'aaaa'
+
+
+def test_normalising_features_of_two_extractions_is_refused(tmp_path):
+    for seed in (0, 1):
+        synthetic_ucf101.write_fake_features(str(tmp_path / f'x{seed}'), n_classes=3, groups=21,
+                                             clips_per_group=(1, 1), dim=4, frames=(3, 6), mean_frames=4, seed=seed)
+        work = tmp_path / f'x{seed}'
+        assert run('save_hdf5.py', '--lists', str(work / 'ucfTrainTestlist'), '--features-dir',
+                   str(work / 'UCF-101_features'), '--predictions-dir', str(work / 'UCF-101_framePrediction'),
+                   '--out-dir', str(work)).returncode == 0
+    result = run('normalizeData.py', '--train', str(tmp_path / 'x0' / 'train1024.hdf5'),
+                 '--test', str(tmp_path / 'x1' / 'test1024.hdf5'), '--train-out', str(tmp_path / 'a.hdf5'),
+                 '--test-out', str(tmp_path / 'b.hdf5'), '--stats', str(tmp_path / 's.npz'))
+    line = error_line(result)
+    assert result.returncode == 1 and 'extraction generated0' in line and 'extraction generated1' in line, line
+    record('provenance', 'train and test features of two extractions', 'normalizeData.py', f'exit 1: {line[:150]}...')
+
+
+def test_divergence_stops_fine_tuning(tiny_ucf, small_vgg, tmp_path):
+    root, _ = tiny_ucf
+    (tmp_path / 'VGG_1024.model').write_bytes(b'previous result')
+    result = run('frameBasedTrain.py', '--data', os.path.join(root, 'UCF-101'), '--lists',
+                 os.path.join(root, 'ucfTrainTestlist'), '--vgg', small_vgg, '--out', str(tmp_path), '--model-out',
+                 str(tmp_path / 'VGG_1024.model'), '--feature-size', '8', '--batchsize', '15', '--epoch', '3',
+                 '--train-from', 'conv1_1', '--lr', '1e6', '--loaderjob', '0', '--snapshot-interval', '1')
+    line = error_line(result)
+    assert result.returncode == 1 and 'training diverged at iteration' in line and '--lr' in line, result.stderr
+    assert 'Traceback' not in result.stderr
+    assert (tmp_path / 'VGG_1024.model').read_bytes() == b'previous result'
+    import chainer
+    for snapshot in tmp_path.glob('snapshot_iter_*'):  # every snapshot left is of finite weights
+        with np.load(snapshot) as f:
+            assert all(np.isfinite(f[k]).all() for k in f.files if 'predictor' in k or k.startswith('updater/model'))
+    record('divergence', 'fine-tuning from conv1_1 at --lr 1e6 goes NaN', 'frameBasedTrain.py',
+           f'exit 1: {line[:170]}...; no model written, earlier snapshots finite')
+
+
+def test_divergence_stops_lstm_training(reference_packed, tmp_path):
+    result = run('rnn.py', '--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
+                 str(reference_packed / 'test1024_norm.hdf5'), '--out', str(tmp_path), '--model-out',
+                 str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz'), '--hidden', '8', '--fc', '8',
+                 '--seqlen', '12', '--bptt', '4', '--epoch', '3', '--optimizer', 'sgd', '--lr', '1e38')
+    line = error_line(result)
+    assert result.returncode == 1 and 'training diverged at iteration' in line, result.stderr
+    assert not (tmp_path / 'rnn.model').exists() and not (tmp_path / 'r.npz').exists()
+    record('divergence', 'LSTM training at --lr 1e38 (SGD)', 'rnn.py', f'exit 1: {line[:150]}...; nothing written')
+
+
+@pytest.mark.parametrize('script,args,flag', [
+    ('frameBasedTrain.py', ['--batchsize', '-1'], '--batchsize'), ('frameBasedTrain.py', ['--batchsize', '0'],
+                                                                   '--batchsize'),
+    ('frameBasedTrain.py', ['--epoch', '-1'], '--epoch'), ('frameBasedTrain.py', ['--lr', 'nan'], '--lr'),
+    ('rnn.py', ['--batchsize', '0'], '--batchsize'), ('rnn.py', ['--epoch', '-1'], '--epoch'),
+    ('rnn.py', ['--dropout', '1.5'], '--dropout'), ('saveFeatures_1024.py', ['-b', '0'], '--batchsize'),
+    ('saveFeatures_1024.py', ['--num-shards', '0'], '--num-shards'),
+    ('generate_pbs.py', ['--dry-run', '--', '--split', '4'], '--split'),
+    ('generate_pbs.py', ['--dry-run', '--num-shards', '0'], '--num-shards'),
+    ('generate_pbs.py', ['--dry-run', '--', '-b', '0'], '--batchsize'),
+])
+def test_bad_numbers_are_refused_at_parse_time(script, args, flag, tmp_path):
+    result = run(script, *args, cwd=str(tmp_path))
+    assert result.returncode == 2 and flag in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert not os.listdir(tmp_path)  # nothing written
+    record('bad numbers', f'{script} {" ".join(args)}', script,
+           f'exit 2: {result.stderr.strip().splitlines()[-1]}')

@@ -1,4 +1,5 @@
 """Part 3: sequences, truncated BPTT, loss weighting, inference techniques and resume, on synthetic HDF5."""
+import json
 import os
 
 import chainer
@@ -186,6 +187,28 @@ def test_sweep_writes_one_table_and_skips_finished_runs(features, tmp_path, caps
                                                  'lstm-layers=2_batchnorm=on', 'lstm-layers=2_batchnorm=off'}
     table = (tmp_path / 'sweep' / 'sweep_results.md').read_text()
     assert table.count('\n| lstm-layers=') == 8 and '| top1 |' in table
-    model = tmp_path / 'sweep' / 'lstm-layers=2_batchnorm=on' / 'rnn.model'
+    model, = (tmp_path / 'sweep').glob('lstm-layers=2_batchnorm=on_*/rnn.model')
     stamp = model.stat().st_mtime_ns
     assert rnnSweep.main(argv) == rows and model.stat().st_mtime_ns == stamp  # nothing retrained
+    # Another argument after `--` is another run: trained anew, never the stale numbers of the first.
+    longer = ['--grid', 'lstm-layers=2', '--grid', 'batchnorm=on,off', '--out', str(tmp_path / 'sweep'), '--',
+              *common, '--epoch', '2']
+    rows = rnnSweep.main(longer)
+    assert len(list((tmp_path / 'sweep').glob('lstm-layers=2_batchnorm=*_*'))) == 2 + 2
+    assert model.stat().st_mtime_ns == stamp
+    fresh = [p for p in (tmp_path / 'sweep').glob('lstm-layers=2_batchnorm=on_*') if p != model.parent]
+    assert json.loads((fresh[0] / 'final.json').read_text())['settings']['epoch'] == 2
+
+
+def test_resumed_lstm_run_is_the_interrupted_run(features, tmp_path):
+    """Stopped after epoch 2 and resumed to 4: the same weights as 4 epochs in one go (sequence order, segments,
+    lengths, noise and dropout all continue from the snapshot's random state)."""
+    knobs = ['--noise', '0.1', '--max-stride', '2', '--dropout', '0.2', '--variable-length', '6']
+    rnn.main(rnn_args(features, tmp_path / 'a', '--epoch', '2', *knobs))
+    rnn.main(rnn_args(features, tmp_path / 'a', '--epoch', '4', '--resume', 'auto', *knobs))
+    rnn.main(rnn_args(features, tmp_path / 'b', '--epoch', '4', *knobs))
+    with np.load(tmp_path / 'a' / 'rnn.model') as a, np.load(tmp_path / 'b' / 'rnn.model') as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert all(np.array_equal(a[k], b[k]) for k in a.files if k != 'provenance')
+    with pytest.raises(SystemExit, match='other settings: --noise 0.1 there, 0.2 now'):
+        rnn.main(rnn_args(features, tmp_path / 'a', '--epoch', '5', '--resume', 'auto', *knobs, '--noise', '0.2'))

@@ -70,12 +70,13 @@ def test_jobs_run_under_a_real_scheduler(slurm, scheduler, tiny_ucf, tiny_model,
     jobs = tmp_path / 'jobs'
     options = ['--scheduler', scheduler, '--num-shards', '3', '--walltime', '00:10:00', '--script-dir', str(jobs),
                '--log-dir', str(jobs), '--name', f'test_{scheduler}', '--device', '-1']
-    options += ['--nodes', '1'] if scheduler == 'pbs' else ['--gpus', '0', '--cpus', '1']
-    # Submitted from the work folder, as a user would: the jobs must find it through PBS_O_WORKDIR
-    # (empty under Slurm's qsub) or SLURM_SUBMIT_DIR, and write their outputs there.
-    cmd = [sys.executable, os.path.join(ROOT, 'generate_pbs.py'), *options, '--',
-           *extraction_args(tiny_ucf, tiny_model, '.')]
-    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    # Slurm's srun stands in for a Cray's aprun: the launcher prefixes every command of the job.
+    options += ['--nodes', '1'] if scheduler == 'pbs' else ['--gpus', '0', '--cpus', '1', '--launcher', 'srun -n 1']
+    # Submitted with saveFeatures.sh from the work folder, the code living elsewhere, as a user would: the jobs
+    # must find it through PBS_O_WORKDIR (empty under Slurm's qsub) or SLURM_SUBMIT_DIR, and write there.
+    cmd = [os.path.join(ROOT, 'saveFeatures.sh'), *options, '--', *extraction_args(tiny_ucf, tiny_model, '.')]
+    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable))
     assert result.returncode == 0, result.stderr
     job_ids = [line.split()[-1] for line in result.stdout.splitlines() if line and not line.startswith('$')]
     assert len(job_ids) == (3 if scheduler == 'pbs' else 1), result.stdout
@@ -96,6 +97,40 @@ def test_dry_run_prints_scripts_without_submitting(tmp_path, capsys):
     generate_pbs.main(['--dry-run', '--scheduler', 'slurm', '--partition', 'gpu'])
     out = capsys.readouterr().out
     assert '#SBATCH --array=0-11' in out and '#SBATCH --gres=gpu:1' in out and '$ sbatch ' in out
+
+
+def test_cray_job_layout(capsys):
+    """Blue Waters: aprun before every command, the interpreter as shell words, setup and modules in the order
+    given (the module system's init script first)."""
+    generate_pbs.main(['--dry-run', '--num-shards', '1', '--doctor', '--launcher', 'aprun -n 1 -N 1',
+                       '--python', 'python3 -u', '--setup', 'source /opt/modules/default/init/bash', '--module',
+                       'bwpy', '--setup', 'export HDF5_USE_FILE_LOCKING=FALSE', '--nodes', '1:ppn=16:xk'])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines.index('source /opt/modules/default/init/bash') < lines.index('module load bwpy') < lines.index(
+        'export HDF5_USE_FILE_LOCKING=FALSE')
+    assert sum(line.startswith('aprun -n 1 -N 1 python3 -u /') for line in lines) == 2  # doctor and the shard
+    assert '#PBS -l nodes=1:ppn=16:xk' in out
+
+
+def test_preflight_says_what_is_missing_before_writing(tiny_ucf, tiny_model, tmp_path):
+    """No scheduler command, no model, no data: one line, exit 1, no job script written."""
+    root, _ = tiny_ucf
+    data = ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist')]
+    generator = [sys.executable, os.path.join(ROOT, 'generate_pbs.py'), '--script-dir', str(tmp_path / 'jobs'),
+                 '--log-dir', str(tmp_path / 'jobs')]
+    cases = [(['--scheduler', 'pbs', '--', *data, '--model', tiny_model], {'PATH': os.path.dirname(sys.executable)},
+              'qsub not found on PATH'),
+             (['--scheduler', 'local', '--', *data, '--model', str(tmp_path / 'none.model')], {},
+              'none.model: fine-tuned model not found'),
+             (['--scheduler', 'local', '--', '--data', str(tmp_path / 'nowhere'), *data[2:], '--model', tiny_model],
+              {}, 'data folder not found')]
+    for options, env, expected in cases:
+        result = subprocess.run([*generator, *options], capture_output=True, text=True, cwd=tmp_path,
+                                env=dict(os.environ, **env))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+        assert not (tmp_path / 'jobs').exists()
 
 
 @pytest.mark.parametrize('device,doctor_args', [('0', '--quick --device 0 --require-gpu'),
