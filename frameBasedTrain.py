@@ -9,7 +9,9 @@ fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A sna
 import argparse
 import collections
 import os
+import signal
 import sys
+import threading
 
 import chainer
 import matplotlib
@@ -19,11 +21,11 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, RunRecord, VideoError, check_clips_on_disk, device_from_arg,
-                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_frame, read_frames, read_split, resume_trainer, stop_on_divergence,
-                             usable_cpus, video_info, warn)
+from helperFunctions import (DataError, NO_AUGMENTATION, Progress, RunRecord, VideoError, check_clips_on_disk,
+                             device_from_arg, exit_on_user_error, fraction, make_provenance, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
+                             rate_eta_extension, read_class_index, read_frame, read_frames, read_split, resume_trainer,
+                             stop_on_divergence, usable_cpus, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -53,7 +55,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         self.by_label = {}
         for i, clip in enumerate(clips):
             self.by_label.setdefault(clip.label, []).append(i)
-        self.info, self.bad, self._rng, self._pid = {}, set(), None, None
+        self.info, self.bad, self._rng, self._pid, self._reported = {}, set(), None, None, None
 
     def __len__(self):
         return len(self.clips)
@@ -95,6 +97,25 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
                         if self.train else NO_AUGMENTATION)
         return preprocess_frame(frame, self.insize, augmentation)
 
+    def probe(self):
+        """Read every clip's packets once, here, before the loaders fork (they inherit what it found): unreadable
+        clips are reported now, and a class left with no readable clip stops the run before it starts."""
+        progress = Progress(len(self.clips), 'clips', 'checking the clips: ', interval=10)
+        for i, clip in enumerate(self.clips):
+            try:
+                self.info[i] = video_info(os.path.join(self.data_root, clip.path))
+            except VideoError as e:
+                self.bad.add(i)
+                warn(f'skipping unreadable clip {e}')
+            progress.update()
+        for label, members in self.by_label.items():
+            if all(i in self.bad for i in members):
+                raise self.no_readable_clip(label)
+
+    def no_readable_clip(self, label):
+        return DataError(f'no clip of class {self.class_names[label]!r} can be read under {self.data_root}/ (the '
+                         'warnings above say why); replace those files, or leave the class out of the lists')
+
     def get_example(self, i):
         label = self.clips[i].label
         candidates = [i] + [j for j in self.rng.permutation(self.by_label[label]) if j != i]
@@ -106,8 +127,28 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
             except VideoError as e:
                 self.bad.add(j)
                 warn(f'skipping unreadable clip {e}')
-        raise DataError(f'no clip of class {self.class_names[label]!r} can be read under {self.data_root}/ (the '
-                        f'warnings above say why); replace those files, or leave the class out of the lists')
+        error = self.no_readable_clip(label)
+        if os.getpid() not in (self.home_pid, self._reported):  # once per loader process
+            # Chainer's MultiprocessIterator would wait forever for this example: tell the training process.
+            print(f'error: {error}', file=sys.stderr, flush=True)
+            os.kill(self.home_pid, signal.SIGUSR1)
+            self._reported = os.getpid()
+        raise error
+
+
+def stop_when_a_loader_fails():
+    """In the training process: a loader's SIGUSR1 (its error printed above) ends the run with exit status 1,
+    and the iterator's prefetch thread, which the same error ends, adds no traceback."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # other loaders may signal too: the first one says it
+        raise DataError('a frame-loading process stopped (its error is above); no model was written')
+    signal.signal(signal.SIGUSR1, handler)
+    report = threading.excepthook
+
+    def quiet(hook_args):
+        if not isinstance(hook_args.exc_value, DataError):
+            report(hook_args)
+    threading.excepthook = quiet
 
 
 def build_model(args, n_classes):
@@ -138,10 +179,12 @@ def make_trainer(args):
     train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
                                resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb, seed=args.seed,
                                class_names=classes)
+    train.probe()
     example_bytes = 4 * 3 * model.insize ** 2 + 64
     order_stream = np.random.RandomState(args.seed)
     order = chainer.iterators.ShuffleOrderSampler(order_stream)
     if args.loaderjob > 0:
+        stop_when_a_loader_fails()
         train_iter = chainer.iterators.MultiprocessIterator(train, args.batchsize, n_processes=args.loaderjob,
                                                             shared_mem=example_bytes, order_sampler=order)
     else:

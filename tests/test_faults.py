@@ -711,3 +711,48 @@ def test_bad_numbers_are_refused_at_parse_time(script, args, flag, tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
     record('bad numbers', f'{script} {" ".join(args)}', script,
            f'exit 2: {result.stderr.strip().splitlines()[-1]}')
+
+
+def unreadable_class(tiny_ucf, tmp_path, name='Archery'):
+    root, _ = tiny_ucf
+    shutil.copytree(root, tmp_path / 'set')
+    for clip in (tmp_path / 'set' / 'UCF-101' / name).iterdir():
+        clip.write_bytes(b'')
+    return tmp_path / 'set'
+
+
+def test_class_with_no_readable_clip(tiny_ucf, small_vgg, tmp_path):
+    data = unreadable_class(tiny_ucf, tmp_path)
+    result = run('frameBasedTrain.py', '--data', str(data / 'UCF-101'), '--lists', str(data / 'ucfTrainTestlist'),
+                 '--vgg', small_vgg, '--out', str(tmp_path / 'out'), '--model-out', str(tmp_path / 'm.model'),
+                 '--loaderjob', '2', '--epoch', '1', '--batchsize', '8', timeout=120)
+    line = error_line(result)
+    assert result.returncode == 1 and "no clip of class 'Archery' can be read" in line, result.stderr
+    assert 'Traceback' not in result.stderr and not (tmp_path / 'm.model').exists()
+    record('bad clip', 'every training clip of one class unreadable', 'frameBasedTrain.py',
+           f'exit 1 before training (each clip checked once, up front): {line}')
+
+
+def test_loader_failure_mid_run_ends_the_run(tiny_ucf, small_vgg, tmp_path):
+    """Clips that vanish after the check (a scratch purge): the loader process that meets them stops the run
+    with exit 1, instead of Chainer's multiprocess iterator waiting for the example forever."""
+    import frameBasedTrain
+    from helperFunctions import DataError
+    root, _ = tiny_ucf
+    shutil.copytree(root, tmp_path / 'set')
+    args = frameBasedTrain.parse_args([
+        '--data', str(tmp_path / 'set' / 'UCF-101'), '--lists', str(tmp_path / 'set' / 'ucfTrainTestlist'),
+        '--vgg', small_vgg, '--out', str(tmp_path / 'out'), '--model-out', str(tmp_path / 'm.model'),
+        '--loaderjob', '1', '--epoch', '2', '--batchsize', '8'])
+    trainer, _, _ = frameBasedTrain.make_trainer(args)
+    for clip in (tmp_path / 'set' / 'UCF-101' / 'Archery').iterdir():
+        clip.unlink()
+    start = time.time()
+    try:
+        with pytest.raises(DataError, match='a frame-loading process stopped'):
+            trainer.run(show_loop_exception_msg=False)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    record('bad clip', "a class's clips deleted while fine-tuning runs (loader processes)", 'frameBasedTrain.py',
+           f'the loader prints the class and signals the trainer: run ends with exit 1 after '
+           f'{time.time() - start:.0f} s, no hang, no model written')
