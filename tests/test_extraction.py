@@ -21,8 +21,9 @@ from helperFunctions import clip_stem, preprocess_frame, read_frames, read_split
 
 
 def npy_files(folder):
+    """The .npy files under their final names (not hidden temporary files, not the .extractions/ manifest)."""
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
-                  if f.endswith('.npy'))
+                  if f.endswith('.npy') and not f.startswith('.') and '/.' not in d.replace(os.sep, '/'))
 
 
 def test_shard_ranges_cover_everything_and_balance_frames():
