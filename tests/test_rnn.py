@@ -3,6 +3,7 @@ import json
 import os
 
 import chainer
+import chainer.functions as F
 import numpy as np
 import pytest
 
@@ -115,11 +116,32 @@ def test_last_step_weighting_only_trains_on_the_last_chunk():
     np.random.seed(0)
     model = rnn.RNN(6, 8, 1, 8, 3)
     updater, optimizer = make_updater(model, 8, 4, 'last')
-    first_chunk = []
+    updates = []
     original = optimizer.update
-    optimizer.update = lambda *a: (first_chunk.append(float(np.abs(model.out.W.grad).sum())), original(*a))[1]
+    optimizer.update = lambda *a: (updates.append(float(np.abs(model.out.W.grad).sum())), original(*a))[1]
     run_update(updater, model)
-    assert first_chunk[0] == 0 and first_chunk[1] > 0  # steps 0-3 have weight 0
+    # steps 0-3 have weight 0: that chunk runs forward only (to carry the state) and costs no update, no backward
+    assert len(updates) == 1 and updates[0] > 0 and optimizer.t == 1
+
+
+def test_each_chunk_update_is_its_own_chunks_mean():
+    """A chunk's update is the mean loss over its own steps (not that sum divided by the whole sequence's
+    steps): with plain SGD, a sequence cut into chunks trains each at the learning rate the flag says."""
+    np.random.seed(0)
+    model = rnn.RNN(6, 8, 1, 8, 3)
+    reference = model.copy(mode='copy')
+    updater, optimizer = make_updater(model, 8, 4)
+    seen = []
+    original = optimizer.update
+    optimizer.update = lambda *a: (seen.append(model.out.b.grad.copy()), original(*a))[1]
+    run_update(updater, model)
+    x, t = chainer.dataset.concat_examples(updater.get_iterator('main').dataset)
+    reference.reset_state()
+    y = reference(x[:, :4])
+    loss = F.softmax_cross_entropy(F.reshape(y, (-1, 3)), np.repeat(t, 4))  # the mean over the first chunk
+    reference.cleargrads()
+    loss.backward()
+    assert len(seen) == 2 and np.allclose(seen[0], reference.out.b.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_batched_inference_equals_one_clip_at_a_time(features):
