@@ -20,28 +20,28 @@ from helperFunctions import (DataError, Progress, atomic_path, describe_extracti
 from save_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
 
 
-def finite_clips(path, header):
-    """Names of the clips of a packed file whose values are all finite; the others are reported."""
-    bad = []
-    with h5py.File(path, 'r') as f:
-        for name in header['clips']:
-            if not np.isfinite(f[name][()]).all():
-                bad.append(name)
-    for name in bad:
-        warn(f'{path}: clip {name} holds NaN or inf; it is left out')
-    bad = set(bad)
-    return [n for n in header['clips'] if n not in bad]
+def report_nonfinite(path, name):
+    warn(f'{path}: clip {name} holds NaN or inf; it is left out')
 
 
 def feature_statistics(path, clips):
-    """(mean, std, frames) over all frames of `clips`, streamed clip by clip in float64."""
-    count, mean, m2 = 0, None, None
+    """(mean, std, frames, usable clips) over all frames of `clips`, streamed clip by clip in float64 (Chan et
+    al.'s pairwise update); a clip holding NaN or inf is reported and left out, in the same pass."""
+    count, mean, m2, usable = 0, None, None, []
     progress = Progress(len(clips), 'clips', 'statistics: ', interval=5)
     with h5py.File(path, 'r') as f:
         for name in clips:
-            x = f[name][()].astype(np.float64)
+            x = f[name][()]
+            progress.update()
+            if not np.isfinite(x).all():
+                report_nonfinite(path, name)
+                continue
+            usable.append(name)
+            x = x.astype(np.float64)
             n, clip_mean = x.shape[0], x.mean(axis=0)
-            clip_m2 = ((x - clip_mean) ** 2).sum(axis=0)
+            x -= clip_mean
+            x *= x
+            clip_m2 = x.sum(axis=0)
             if mean is None:
                 count, mean, m2 = n, clip_mean, clip_m2
             else:
@@ -49,17 +49,24 @@ def feature_statistics(path, clips):
                 mean = mean + delta * n / total
                 m2 = m2 + clip_m2 + delta ** 2 * count * n / total
                 count = total
-            progress.update()
     if not count:
         raise DataError(f'{path}: no usable training frames')
-    return mean, np.sqrt(m2 / count), count
+    return mean, np.sqrt(m2 / count), count, usable
 
 
 def normalized_items(path, clips, mean, std):
+    """(name, label, normalised frames) of each clip, in float32 and in place; clips holding NaN or inf are
+    reported and left out."""
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
     with h5py.File(path, 'r') as f:
         for name in clips:
             x, label = read_clip(f, name)
-            yield name, label, ((x - mean) / std).astype(np.float32)
+            if not np.isfinite(x).all():
+                report_nonfinite(path, name)
+                continue
+            x -= mean
+            x /= std
+            yield name, label, x
 
 
 def main(argv=None):
@@ -80,9 +87,8 @@ def main(argv=None):
         if all(extractions) and extractions[0].get('tag') != extractions[1].get('tag'):
             raise DataError(f'{args.train} comes from {describe_extraction(extractions[0])} but {args.test} from '
                             f'{describe_extraction(extractions[1])}; pack both from one extraction (save_hdf5.py)')
-        train_clips = finite_clips(args.train, train)
-        test_clips = finite_clips(args.test, test)
-        mean, std, count = feature_statistics(args.train, train_clips)
+        mean, std, count, train_clips = feature_statistics(args.train, train['clips'])
+        test_clips = test['clips']
         constant = std < 1e-6
         if constant.any():
             warn(f'{int(constant.sum())} of {len(std)} feature dimensions never vary in the training set '
