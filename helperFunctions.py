@@ -915,8 +915,12 @@ def stop_on_divergence(model, out):
     return check
 
 
-def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', interval=(20, 'iteration')):
-    """A Chainer trainer extension printing iterations done, samples/s and the ETA (readable in batch logs)."""
+def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', interval=(20, 'iteration'),
+                       pauses=None):
+    """A Chainer trainer extension printing iterations done, samples/s and the ETA (readable in batch logs).
+
+    pauses(trainer) -> (seconds spent so far outside the iterations, seconds of such work still to come), e.g. the
+    test evaluation after each epoch: the rate is then that of training alone and the ETA counts both."""
     import chainer.training
 
     start = []
@@ -924,12 +928,14 @@ def rate_eta_extension(total_iterations, unit_per_iteration=1, unit='samples', i
     @chainer.training.make_extension(trigger=interval, priority=chainer.training.PRIORITY_READER)
     def report(trainer):
         now, done = time.time(), trainer.updater.iteration
+        spent, to_come = pauses(trainer) if pauses else (0.0, 0.0)
         if not start:
-            start.extend([now, done])
+            start.extend([now, done, spent])
             return
-        rate = (done - start[1]) / max(now - start[0], 1e-9)
-        eta = (total_iterations - done) / rate if rate > 0 else float('inf')
+        rate = (done - start[1]) / max(now - start[0] - (spent - start[2]), 1e-9)
+        eta = (total_iterations - done) / rate + to_come if rate > 0 else float('inf')
         print(f'iteration {done}/{total_iterations} ({100 * done / total_iterations:.1f}%): '
-              f'{rate * unit_per_iteration:.1f} {unit}/s, ETA {format_seconds(eta)}', file=sys.stderr, flush=True)
+              f'{rate * unit_per_iteration:.1f} {unit}/s, ETA {format_seconds(eta)}'
+              + (f' (of which {format_seconds(to_come)} evaluation)' if to_come else ''), file=sys.stderr, flush=True)
 
     return report

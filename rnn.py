@@ -20,6 +20,7 @@ The first technique's per-clip scores go to lstm_results.npz for confusion.py.
 import argparse
 import os
 import sys
+import time
 
 import chainer
 import chainer.functions as F
@@ -42,7 +43,8 @@ matplotlib.use('Agg')
 INFERENCE = ('full', 'last', 'weighted', 'segments')
 # Settings a resumed run may change: where it runs and what it writes, not what it computes. A longer --epoch
 # continues the same run further.
-FREE_ON_RESUME = {'resume', 'device', 'epoch', 'in_memory', 'out', 'model_out', 'results', 'train', 'test'}
+FREE_ON_RESUME = {'resume', 'device', 'epoch', 'max_iterations', 'in_memory', 'out', 'model_out', 'results', 'train',
+                  'test'}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,6 +399,7 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
     """Each epoch: test top-1/5/10 of every inference technique, reported and printed in the handout's form."""
     @training.make_extension(trigger=(1, 'epoch'), priority=training.PRIORITY_WRITER)
     def run_test(trainer):
+        started = time.time()
         scores = evaluate(model, clips, techniques, seqlen, segments, batchsize)
         observation = {}
         for technique in techniques:
@@ -405,8 +408,10 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
                 observation[f'test/{technique}/top{k}'] = a
             print(f'epoch {trainer.updater.epoch} test [{technique}] {format_accuracy(accuracies)}', flush=True)
         chainer.report(observation)
-        run_test.last_scores = scores
-    run_test.last_scores = None
+        run_test.last_scores, run_test.iteration = scores, trainer.updater.iteration
+        run_test.last_seconds = time.time() - started
+        run_test.seconds += run_test.last_seconds
+    run_test.last_scores, run_test.iteration, run_test.last_seconds, run_test.seconds = None, None, 0.0, 0.0
     return run_test
 
 
@@ -423,6 +428,8 @@ def parse_args(argv=None):
     p.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
     p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
     p.add_argument('--epoch', '-e', type=positive_int, default=20)
+    p.add_argument('--max-iterations', type=nonnegative_int, default=0,
+                   help='stop after this many updates of the batch, whatever --epoch says (quick trials; 0: off)')
     p.add_argument('--batchsize', '-b', type=positive_int, default=32)
     p.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'))
     p.add_argument('--lr', type=positive_float, default=0.001, help='learning rate (Adam: alpha)')
@@ -564,7 +571,8 @@ def make_trainer(args):
         dataset, args.batchsize, order_sampler=chainer.iterators.ShuffleOrderSampler(order_stream))
     updater = BPTTUpdater(iterator, optimizer, device, args.bptt, args.loss_weighting, args.variable_length,
                           args.seed)
-    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+    stop = (args.max_iterations, 'iteration') if args.max_iterations else (args.epoch, 'epoch')
+    trainer = training.Trainer(updater, stop, out=args.out)
     tester = evaluation_extension(model, test, args.inference, args.seqlen, args.segments, args.batchsize)
     trainer.extend(tester)
     trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
@@ -572,8 +580,12 @@ def make_trainer(args):
     trainer.extend(extensions.PrintReport(['epoch', 'iteration', 'main/loss', 'main/accuracy',
                                            f'test/{first}/top1', f'test/{first}/top5', f'test/{first}/top10',
                                            'elapsed_time']))
-    iterations = args.epoch * -(-len(train) // args.batchsize)
-    trainer.extend(rate_eta_extension(iterations, args.batchsize, 'sequences', (10, 'iteration')))
+    per_epoch = -(-len(train) // args.batchsize)
+    iterations = min(args.epoch * per_epoch, args.max_iterations or args.epoch * per_epoch)
+
+    def evaluation_time(trainer):  # spent so far, and still to come: one evaluation per epoch left
+        return tester.seconds, tester.last_seconds * (-(-iterations // per_epoch) - trainer.updater.epoch)
+    trainer.extend(rate_eta_extension(iterations, args.batchsize, 'sequences', (10, 'iteration'), evaluation_time))
     trainer.extend(extensions.PlotReport(['main/loss'], 'epoch', file_name='loss.png'))
     trainer.extend(extensions.PlotReport(['main/accuracy'] + [f'test/{t}/top1' for t in args.inference],
                                          'epoch', file_name='accuracy.png'))
@@ -591,8 +603,10 @@ def main(argv=None):
     with exit_on_user_error():
         trainer, model, test, tester = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
-        scores = tester.last_scores or evaluate(model, test, args.inference, args.seqlen, args.segments,
-                                                args.batchsize)
+        if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already
+            scores = tester.last_scores
+        else:  # stopped between epochs (--max-iterations): evaluate the final weights
+            scores = evaluate(model, test, args.inference, args.seqlen, args.segments, args.batchsize)
         model.to_cpu()
         record = provenance_text(make_provenance('rnn.py', train=file_provenance(args.train), test=test.provenance,
                                                  options=vars(args)))

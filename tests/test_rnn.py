@@ -1,6 +1,7 @@
 """Part 3: sequences, truncated BPTT, loss weighting, inference techniques and resume, on synthetic HDF5."""
 import json
 import os
+import re
 
 import chainer
 import chainer.functions as F
@@ -234,3 +235,20 @@ def test_resumed_lstm_run_is_the_interrupted_run(features, tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in a.files if k != 'provenance')
     with pytest.raises(SystemExit, match='other settings: --noise 0.1 there, 0.2 now'):
         rnn.main(rnn_args(features, tmp_path / 'a', '--epoch', '5', '--resume', 'auto', *knobs, '--noise', '0.2'))
+
+
+def test_max_iterations_and_an_eta_that_counts_evaluation(features, tmp_path, capsys):
+    final, _ = rnn.main(rnn_args(features, tmp_path, '--epoch', '9', '--max-iterations', '40'))
+    err = capsys.readouterr().err
+    log = json.loads((tmp_path / 'log').read_text())
+    assert log[-1]['iteration'] == 36  # the per-epoch log stops at the last whole epoch (9 updates an epoch)
+    with np.load(tmp_path / 'lstm_results.npz') as results:  # scored with the final weights (iteration 40)
+        model = rnn.RNN(6, 16, 1, 16, 3)
+        with np.load(tmp_path / 'rnn.model') as weights:
+            for name, param in model.namedparams():
+                param.array[...] = weights[name.lstrip('/')]
+        test = rnn.ClipFeatures(str(features / 'test.hdf5'), 'test')
+        fresh = rnn.evaluate(model, test, ['full'], 12)['full']
+        assert np.allclose(results['scores'], fresh, atol=1e-5)
+    # after the first evaluation the ETA includes the evaluations still to come
+    assert re.search(r'iteration 20/40 .*ETA \S+ \(of which \S+ evaluation\)', err), err
