@@ -177,8 +177,8 @@ def compare(single, lstm, out_dir, n=10, stream=None):
     ax.set_title('Classes the LSTM improved most (left) and did not improve (right)')
     ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0))  # outside the bars
     fig.tight_layout()
-    with atomic_path(os.path.join(out_dir, 'improvement.png')) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
+    with atomic_path(os.path.join(out_dir, 'improvement.png')) as tmp:  # tight: the title is wider than the bars
+        fig.savefig(tmp, dpi=110, format='png', bbox_inches='tight')
     plt.close(fig)
     return [(classes[i], before[i], after[i]) for i in improved], [(classes[i], before[i], after[i])
                                                                     for i in not_improved]
