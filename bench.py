@@ -238,12 +238,11 @@ def extraction_figures(work, conv):
     return summary['frames_per_second']
 
 
-def packing_figures(work, clips_scale):
+def packing_figures(work, clips_scale, real_lists):
     """save_hdf5.py and normalizeData.py on generated features: seconds and peak resident memory of each."""
     import synthetic_ucf101
     folder = os.path.join(work, 'packing')
     shutil.rmtree(folder, ignore_errors=True)
-    real_lists = os.path.join(HERE, '..', 'shared', 'ucfTrainTestlist')
     if clips_scale != 'full':
         kwargs = dict(n_classes=10)
     elif os.path.isfile(os.path.join(real_lists, 'classInd.txt')):
@@ -365,6 +364,9 @@ def main(argv=None):
     p.add_argument('--work', default=None, help='scratch folder (default: a temporary one)')
     p.add_argument('--quick', action='store_true', help='small packing scale and fewer repetitions')
     p.add_argument('--no-torch', action='store_true', help='skip the PyTorch peer')
+    p.add_argument('--lists', default=os.path.join(HERE, '..', 'shared', 'ucfTrainTestlist'),
+                   help="the real split files, whose 13,320 clip names the full-scale packing uses (default: "
+                        "%(default)s; generated names where absent)")
     p.add_argument('--packing-only', action='store_true',
                    help='measure the packing again and update the existing results')
     args = p.parse_args(argv)
@@ -372,7 +374,7 @@ def main(argv=None):
         with open(os.path.join(args.out, 'results.json')) as f:
             r = json.load(f)
         work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
-        r['packing'] = packing_figures(work, 'small' if args.quick else 'full')
+        r['packing'] = packing_figures(work, 'small' if args.quick else 'full', args.lists)
         return write_results(args.out, r)
     repeat = 2 if args.quick else 3
     work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
@@ -401,7 +403,7 @@ def main(argv=None):
     if r['torch'] and 'error' not in r['torch']:
         r['torch'].update(torch_figures(repeat, 'lstm') or {})
     print('packing ...', file=sys.stderr, flush=True)
-    r['packing'] = packing_figures(work, 'small' if args.quick else 'full')
+    r['packing'] = packing_figures(work, 'small' if args.quick else 'full', args.lists)
     print('caffemodel conversion (553 MB) ...', file=sys.stderr, flush=True)
     r['caffemodel'] = caffemodel_figures(work)
     if not args.work:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -36,7 +35,7 @@ print(json.dumps(min(times)))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--batchsize', '-b', type=int, default=8)
     p.add_argument('--repeat', type=int, default=3)
     p.add_argument('--no-stock', action='store_true', help="skip stock Chainer (slow at batch 8)")
     p.add_argument('--no-torch', action='store_true')
@@ -56,21 +55,21 @@ def main(argv=None):
     rng = np.random.RandomState(0)
     names = ['fast_conv'] + ([] if args.no_stock else ['stock']) + (['PyTorch'] if torch_python else [])
     totals = dict.fromkeys(names, 0.0)
-    print(f'batch {args.batch}; ms and GFLOP/s per layer (conv + ReLU)')
+    print(f'batch {args.batchsize}; ms and GFLOP/s per layer (conv + ReLU)')
     print('layer   channels size | ' + ' | '.join(f'{n:>17}' for n in names))
     gflop_total = 0
     for layer, (c, o, s) in zip(CONV_LAYERS, layers):
-        x = rng.normal(0, 1, (args.batch, c, s, s)).astype(np.float32)
+        x = rng.normal(0, 1, (args.batchsize, c, s, s)).astype(np.float32)
         W = (rng.normal(size=(o, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
         b = rng.normal(0, 0.1, o).astype(np.float32)
-        gflop = 2 * args.batch * o * c * 9 * s * s / 1e9
+        gflop = 2 * args.batchsize * o * c * 9 * s * s / 1e9
         gflop_total += gflop
         rows = fast_conv._padded_rows(x)
         out = np.empty((o, rows.shape[1]), np.float32)
 
         def fast():
-            fast_conv._correlate(rows, W, args.batch, s, s, out, bias=b, relu=True)
-            fast_conv._zero_padding(out, args.batch, s, s)
+            fast_conv._correlate(rows, W, args.batchsize, s, s, out, bias=b, relu=True)
+            fast_conv._zero_padding(out, args.batchsize, s, s)
 
         def stock():
             with chainer.no_backprop_mode():
@@ -79,7 +78,7 @@ def main(argv=None):
         if 'stock' in names:
             seconds['stock'] = bench.best_time(stock, args.repeat)
         if torch_python:
-            result = subprocess.run([torch_python, '-c', TORCH_LAYER, str(c), str(o), str(s), str(args.batch),
+            result = subprocess.run([torch_python, '-c', TORCH_LAYER, str(c), str(o), str(s), str(args.batchsize),
                                      str(args.repeat)], capture_output=True, text=True, check=True)
             seconds['PyTorch'] = json.loads(result.stdout)
         for name, t in seconds.items():

@@ -23,7 +23,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
-def topk_accuracies(labels, scores, ks=(1, 5, 10)):
+TOPK = (1, 5, 10)  # the handout's accuracies
+
+
+def topk_accuracies(labels, scores, ks=TOPK):
     """Top-k accuracy for each k; a k at or beyond the number of classes is 1 by definition."""
     n_classes = scores.shape[1]
     if n_classes == 2:  # scikit-learn reads two columns as a binary problem and wants one column of scores
@@ -131,26 +134,31 @@ def report_model(results, out_prefix, title, stream=None):
     return accuracies, recall
 
 
-def compare(single, lstm, out_dir, n=10, stream=None):
-    """Per-class accuracy of both models: the n most improved classes and those not improved, table + chart."""
-    stream = stream or sys.stdout
+def class_accuracies(single, lstm, stream=None):
+    """(class names, test clips per class, single-frame and LSTM per-class accuracy) on the clips both scored."""
     if list(single['classes']) != list(lstm['classes']):
         raise DataError('the two results files have different class lists')
     if sorted(single['clips']) != sorted(lstm['clips']):
         common = set(single['clips']) & set(lstm['clips'])
-        print(f'note: comparing on the {len(common)} clips both models scored', file=stream)
+        print(f'note: comparing on the {len(common)} clips both models scored', file=stream or sys.stdout)
         single, lstm = (restrict(r, common) for r in (single, lstm))
-    classes = list(single['classes'])
     single_counts = confusion_counts(single['labels'], single['scores'])
-    before = per_class_accuracy(single_counts)
-    after = per_class_accuracy(confusion_counts(lstm['labels'], lstm['scores']))
-    clips = single_counts.sum(axis=1)
+    return (list(single['classes']), single_counts.sum(axis=1), per_class_accuracy(single_counts),
+            per_class_accuracy(confusion_counts(lstm['labels'], lstm['scores'])))
+
+
+def most_changed(before, after, n):
+    """Indices of the n classes the LSTM improved most, and of the n it improved least (no change or worse)."""
     change = after - before
     valid = np.flatnonzero(~np.isnan(change))
     order = valid[np.argsort(-change[valid], kind='stable')]
-    improved = [i for i in order if change[i] > 0][:n]
-    not_improved = [i for i in order[::-1] if change[i] <= 0][:n]
+    return [i for i in order if change[i] > 0][:n], [i for i in order[::-1] if change[i] <= 0][:n]
+
+
+def write_improvement(out_dir, classes, clips, before, after, improved, not_improved):
+    """improvement.csv and improvement.md; returns the Markdown table's lines."""
     rows = [('improved most', i) for i in improved] + [('not improved', i) for i in not_improved]
+    change = after - before
     os.makedirs(out_dir, exist_ok=True)
     with atomic_path(os.path.join(out_dir, 'improvement.csv')) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.writer(f)
@@ -163,7 +171,10 @@ def compare(single, lstm, out_dir, n=10, stream=None):
               for g, i in rows]
     with atomic_path(os.path.join(out_dir, 'improvement.md')) as tmp, open(tmp, 'w') as f:
         f.write('\n'.join(lines) + '\n')
-    print('\n'.join(lines), file=stream)
+    return lines
+
+
+def plot_improvement(path, classes, before, after, improved, not_improved):
     shown = improved + not_improved
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(shown) + 2), 5))
     x = np.arange(len(shown))
@@ -177,9 +188,18 @@ def compare(single, lstm, out_dir, n=10, stream=None):
     ax.set_title('Classes the LSTM improved most (left) and did not improve (right)')
     ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0))  # outside the bars
     fig.tight_layout()
-    with atomic_path(os.path.join(out_dir, 'improvement.png')) as tmp:  # tight: the title is wider than the bars
+    with atomic_path(path) as tmp:  # tight: the title is wider than the bars
         fig.savefig(tmp, dpi=110, format='png', bbox_inches='tight')
     plt.close(fig)
+
+
+def compare(single, lstm, out_dir, n=10, stream=None):
+    """Per-class accuracy of both models: the n most improved classes and those not improved, table + chart."""
+    classes, clips, before, after = class_accuracies(single, lstm, stream)
+    improved, not_improved = most_changed(before, after, n)
+    lines = write_improvement(out_dir, classes, clips, before, after, improved, not_improved)
+    print('\n'.join(lines), file=stream or sys.stdout)
+    plot_improvement(os.path.join(out_dir, 'improvement.png'), classes, before, after, improved, not_improved)
     return [(classes[i], before[i], after[i]) for i in improved], [(classes[i], before[i], after[i])
                                                                     for i in not_improved]
 

@@ -63,12 +63,10 @@ def main(argv=None):
 
 def summarize(work, seconds, times):
     sys.path.insert(0, HERE)
-    from confusion import load_results, per_class_accuracy, confusion_counts, topk_accuracies, format_accuracy
+    from confusion import class_accuracies, format_accuracy, load_results, topk_accuracies
     single = load_results(os.path.join(work, 'singleFrame_results.npz'))
     lstm = load_results(os.path.join(work, 'lstm_results.npz'))
-    classes = list(single['classes'])
-    before = per_class_accuracy(confusion_counts(single['labels'], single['scores']))
-    after = per_class_accuracy(confusion_counts(lstm['labels'], lstm['scores']))
+    classes, _, before, after = class_accuracies(single, lstm)
     summary = dict(seconds=round(seconds, 1), step_seconds={k: round(v, 1) for k, v in times.items()},
                    single_frame=topk_accuracies(single['labels'], single['scores']),
                    lstm=topk_accuracies(lstm['labels'], lstm['scores']),

@@ -21,11 +21,11 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, Progress, RunRecord, VideoError, check_clips_on_disk,
-                             device_from_arg, exit_on_user_error, fraction, make_provenance, nonnegative_float,
+from helperFunctions import (DataError, NO_AUGMENTATION, Progress, RunRecord, VideoError, add_conv_flag,
+                             add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk, exit_on_user_error, fraction, make_provenance, nonnegative_float,
                              nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
                              rate_eta_extension, read_class_index, read_frame, read_frames, read_split, resume_trainer,
-                             stop_on_divergence, usable_cpus, video_info, warn)
+                             stop_on_divergence, usable_cpus, use_device, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -167,9 +167,7 @@ def make_trainer(args):
     model, provenance = build_model(args, len(classes))
     print(f'{len(train_clips)} training clips, {len(classes)} classes, VGG16 from {provenance["source"]}, '
           f'learning {", ".join(VGGNet_1024.LAYERS[VGGNet_1024.LAYERS.index(args.train_from):])}', file=sys.stderr)
-    device = device_from_arg(args.device)
-    model.to_device(device)
-    device.use()
+    device = use_device(model, args.device)
 
     optimizer = chainer.optimizers.MomentumSGD(lr=args.lr, momentum=args.momentum)
     optimizer.setup(model)
@@ -225,13 +223,11 @@ def make_trainer(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data', default='UCF-101', help='folder with the 101 class folders of clips')
-    p.add_argument('--lists', default='ucfTrainTestlist', help='folder with classInd.txt and the split lists')
-    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    add_data_flags(p)
     p.add_argument('--vgg', default='VGG.model', help='ImageNet VGG16 weights (see VGGNet.py)')
     p.add_argument('--model-out', default='VGG_1024.model', help='where the fine-tuned weights go')
     p.add_argument('--out', '-o', default='result_frame', help='folder for the log, plots and snapshots')
-    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    add_device_flag(p)
     p.add_argument('--batchsize', '-b', type=positive_int, default=36)
     p.add_argument('--epoch', '-e', type=positive_int, default=20)
     p.add_argument('--lr', type=positive_float, default=0.0005)
@@ -246,9 +242,7 @@ def parse_args(argv=None):
     p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
     p.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
     p.add_argument('--rotate', action='store_true', help='random rotations of up to 10 degrees')
-    p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
-                   help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
-                        "Chainer's own either way); stock: Chainer's own")
+    add_conv_flag(p)
     p.add_argument('--loaderjob', '-j', type=nonnegative_int, default=usable_cpus(),
                    help='frame-loading processes (0: load in the training process); default: the CPUs this job '
                         'may use (its Slurm/PBS cpuset), %(default)s here')
@@ -258,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument('--log-interval', type=positive_int, default=20, help='iterations between log lines')
     p.add_argument('--snapshot-interval', type=nonnegative_int, default=0,
                    help='iterations between snapshots (default: one per epoch)')
-    p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
+    add_resume_flag(p)
     p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
     p.add_argument('--seed', type=int, default=0, help='seed of the new layers and the frame order')
     return p.parse_args(argv)

@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-from helperFunctions import atomic_path, exit_on_user_error, nonnegative_int, positive_int
+from helperFunctions import (DEFAULT_DEVICE, atomic_path, exit_on_user_error, nonnegative_int, positive_int,
+                             split_at_dashes)
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
@@ -150,9 +151,7 @@ class InOrder(argparse.Action):
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, extra = split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scheduler', default='pbs', choices=('pbs', 'slurm', 'local'))
     p.add_argument('--num-shards', type=positive_int, default=12)
@@ -187,8 +186,8 @@ def parse_args(argv=None):
     p.add_argument('--dry-run', action='store_true', help='print the scripts and submit commands, submit nothing')
     args = p.parse_args(argv)
     args.extra, args.prelude = extra, getattr(args, 'prelude', None) or []
-    if args.device is None:
-        args.device = '-1' if args.scheduler == 'local' else '0'
+    if args.device is None:  # batch jobs go to GPU nodes; here, the scripts' own default
+        args.device = DEFAULT_DEVICE if args.scheduler == 'local' else '0'
     # What the jobs will be told, checked now with saveFeatures_1024.py's own parser (exit 2 on a bad value),
     # not by 12 jobs failing in the queue.
     import saveFeatures_1024

@@ -793,6 +793,54 @@ nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), 'zero or
 fraction = _number(float, lambda v: 0 <= v < 1, 'in [0, 1)')
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Command lines: the knobs several scripts share, each defined once
+# ----------------------------------------------------------------------------------------------------------
+
+DEFAULT_DEVICE = '-1'
+SPLITS = (1, 2, 3)
+
+
+def add_data_flags(group, data=True):
+    """--data (the clips; not for steps that read only features), --lists and --split, UCF-101's names."""
+    if data:
+        group.add_argument('--data', default='UCF-101', help='folder with the 101 class folders of clips')
+    group.add_argument('--lists', default='ucfTrainTestlist', help='folder with classInd.txt and the split lists')
+    group.add_argument('--split', type=int, default=1, choices=SPLITS, help='official split (default: %(default)s)')
+
+
+def add_device_flag(group):
+    group.add_argument('--device', '-d', default=DEFAULT_DEVICE,
+                       help='-1 or @numpy: the CPU; 0 or @cupy:0: the first GPU (default: %(default)s)')
+
+
+def add_conv_flag(group):
+    group.add_argument('--conv', default='fast', choices=('stock', 'fast'),
+                       help="fast: fast_conv.py's CPU convolution and pooling (about 2x stock on VGG16; GPU arrays "
+                            "use Chainer's own either way); stock: Chainer's own (default: %(default)s)")
+
+
+def add_resume_flag(group):
+    group.add_argument('--resume', '-r', default=None,
+                       help="snapshot to continue from, or 'auto' for the newest in --out")
+
+
+def split_at_dashes(argv):
+    """(the arguments before `--`, those after it): what a script takes, and what it passes on."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--' not in argv:
+        return argv, []
+    return argv[:argv.index('--')], argv[argv.index('--') + 1:]
+
+
+def use_device(model, spec):
+    """Move the model to the --device and make that device current; returns the device."""
+    device = device_from_arg(spec)
+    model.to_device(device)
+    device.use()
+    return device
+
+
 def device_from_arg(spec):
     """--device value -> chainer device: '-1' or '@numpy' is the CPU, '0' or '@cupy:0' the first GPU."""
     import chainer

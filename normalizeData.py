@@ -17,7 +17,7 @@ import numpy as np
 
 from helperFunctions import (DataError, Progress, atomic_path, describe_extraction, ensure_space, exit_on_user_error,
                              extraction_of, make_provenance, provenance_text, warn)
-from save_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
+from packed_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
 
 
 def report_nonfinite(path, name):

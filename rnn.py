@@ -31,12 +31,13 @@ import numpy as np
 from chainer import training
 from chainer.training import extensions
 
-from confusion import format_accuracy, save_results, topk_accuracies
-from helperFunctions import (DataError, RunRecord, atomic_path, describe_extraction, device_from_arg,
+from confusion import TOPK, format_accuracy, save_results, topk_accuracies
+from helperFunctions import (DataError, RunRecord, add_device_flag, add_resume_flag, atomic_path, describe_extraction,
                              exit_on_user_error, extraction_of, fraction, make_provenance, nonnegative_float,
                              nonnegative_int, positive_float, positive_int, provenance_text,
-                             rate_eta_extension, repeatSequence, resume_trainer, stop_on_divergence, usable_cpus)
-from save_hdf5 import file_provenance, read_hdf5_header
+                             rate_eta_extension, repeatSequence, resume_trainer, stop_on_divergence, usable_cpus,
+                             use_device)
+from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
 
@@ -339,7 +340,11 @@ class BPTTUpdater(training.updaters.StandardUpdater):
 # Inference
 # ----------------------------------------------------------------------------------------------------------
 
-def step_log_probs(model, sequences, chunk=120):
+# Steps per forward call in inference: it bounds memory only (the state carries over), results do not depend on it.
+INFERENCE_CHUNK = 120
+
+
+def step_log_probs(model, sequences, chunk=INFERENCE_CHUNK):
     """Log softmax at every step of each sequence (list of frames x dims arrays, any lengths), run in one
     padded batch: the LSTM is causal, so the padding after a clip's end cannot change its earlier steps."""
     lengths = [len(s) for s in sequences]
@@ -404,7 +409,7 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
         observation = {}
         for technique in techniques:
             accuracies = topk_accuracies(clips.labels, scores[technique])
-            for k, a in zip((1, 5, 10), accuracies):
+            for k, a in zip(TOPK, accuracies):
                 observation[f'test/{technique}/top{k}'] = a
             print(f'epoch {trainer.updater.epoch} test [{technique}] {format_accuracy(accuracies)}', flush=True)
         chainer.report(observation)
@@ -426,13 +431,14 @@ def parse_args(argv=None):
     p.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
     p.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
     p.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
-    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    add_device_flag(p)
     p.add_argument('--epoch', '-e', type=positive_int, default=20)
     p.add_argument('--max-iterations', type=nonnegative_int, default=0,
                    help='stop after this many updates of the batch, whatever --epoch says (quick trials; 0: off)')
     p.add_argument('--batchsize', '-b', type=positive_int, default=32)
     p.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'))
     p.add_argument('--lr', type=positive_float, default=0.001, help='learning rate (Adam: alpha)')
+    p.add_argument('--momentum', type=fraction, default=0.9, help='momentum of --optimizer momentum')
     p.add_argument('--weight-decay', type=nonnegative_float, default=0.0)
     p.add_argument('--grad-clip', type=nonnegative_float, default=0.0, help='clip the gradient norm to this (0: off)')
     p.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
@@ -452,7 +458,7 @@ def parse_args(argv=None):
                    help='test techniques to report (the first one is saved for confusion.py)')
     p.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for --inference segments')
     p.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
-    p.add_argument('--resume', '-r', default=None, help="snapshot to continue from, or 'auto' for the newest")
+    add_resume_flag(p)
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.variable_length > args.seqlen:
@@ -541,7 +547,7 @@ def make_optimizer(args):
     if args.optimizer == 'adam':
         optimizer = LeanAdam(alpha=args.lr)
     elif args.optimizer == 'momentum':
-        optimizer = chainer.optimizers.MomentumSGD(lr=args.lr, momentum=0.9)
+        optimizer = chainer.optimizers.MomentumSGD(lr=args.lr, momentum=args.momentum)
     else:
         optimizer = chainer.optimizers.SGD(lr=args.lr)
     return optimizer
@@ -555,9 +561,7 @@ def make_trainer(args):
     same_extraction(train.provenance, test.provenance, args.train, args.test)
     np.random.seed(args.seed)
     model = RNN(train.dim, args.hidden, args.lstm_layers, args.fc, len(train.classes), args.dropout, args.batchnorm)
-    device = device_from_arg(args.device)
-    model.to_device(device)
-    device.use()
+    device = use_device(model, args.device)
     optimizer = make_optimizer(args)
     optimizer.setup(model)
     if args.weight_decay:

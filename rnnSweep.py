@@ -18,7 +18,8 @@ import os
 import sys
 
 import rnn
-from helperFunctions import atomic_path
+from confusion import TOPK
+from helperFunctions import atomic_path, split_at_dashes
 
 
 def parse_grid(items):
@@ -60,9 +61,7 @@ def final_training(out):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    common = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, common = split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--grid', action='append', default=[], help='flag=value1,value2 (repeatable)')
     p.add_argument('--out', '-o', default='result_sweep', help='folder of the runs and the table')
@@ -93,7 +92,7 @@ def main(argv=None):
         for technique in full['inference']:
             rows.append(dict(configuration=name, inference=technique, train_loss=f'{loss:.4f}',
                              train_accuracy=f'{accuracy:.3f}',
-                             **{f'top{k}': f'{a:.3f}' for k, a in zip((1, 5, 10), final[technique])}))
+                             **{f'top{k}': f'{a:.3f}' for k, a in zip(TOPK, final[technique])}))
     fields = ['configuration', 'inference', 'train_loss', 'train_accuracy', 'top1', 'top5', 'top10']
     os.makedirs(args.out, exist_ok=True)
     with atomic_path(os.path.join(args.out, 'sweep_results.csv')) as tmp, open(tmp, 'w', newline='') as f:

@@ -27,10 +27,10 @@ import chainer
 import numpy as np
 
 import VGGNet_1024
-from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, Progress, VideoError, atomic_path,
-                             check_clips_on_disk, device_from_arg, exit_on_user_error, header_frame_count,
+from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, Progress, VideoError, add_conv_flag,
+                             add_data_flags, add_device_flag, atomic_path, check_clips_on_disk, exit_on_user_error, header_frame_count,
                              iter_frames, make_provenance, nonnegative_int, positive_int, preprocess_frame,
-                             read_class_index, read_split, save_npy_atomic, video_info, warn)
+                             read_class_index, read_split, save_npy_atomic, use_device, video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 
@@ -161,13 +161,11 @@ def extract_shard(args):
         warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
              f'preprocessing): re-extracting them with {args.model}')
     manifest.start(record)
-    device = device_from_arg(args.device)
-    model.to_device(device)
-    device.use()
+    device = use_device(model, args.device)
 
     messages, stop = queue.Queue(maxsize=args.prefetch), threading.Event()
     frames_todo = sum(weights[i] for i in todo)
-    workers = max(1, args.loaderjob)
+    workers = args.decoders
     shares = [[clips[i] for i in todo[w::workers]] for w in range(workers)]
     threads = [threading.Thread(target=produce, args=(share, args.data, model.insize, args.batchsize, messages,
                                                       stop), daemon=True) for share in shares]
@@ -227,9 +225,7 @@ def extract_shard(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data', default='UCF-101')
-    p.add_argument('--lists', default='ucfTrainTestlist')
-    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    add_data_flags(p)
     p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
     p.add_argument('--model', default='VGG_1024.model', help='fine-tuned weights from frameBasedTrain.py')
     p.add_argument('--features-dir', default='UCF-101_features')
@@ -237,14 +233,12 @@ def parse_args(argv=None):
     p.add_argument('--log-dir', default='extraction_logs', help='failures and summary files of each shard')
     p.add_argument('--shard', type=nonnegative_int, default=0, help='which shard this job does, 0 .. num-shards-1')
     p.add_argument('--num-shards', type=positive_int, default=12)
-    p.add_argument('--device', '-d', default='-1', help="-1 or @numpy: CPU; 0 or @cupy:0: first GPU")
+    add_device_flag(p)
     p.add_argument('--batchsize', '-b', type=positive_int, default=32, help='frames per forward pass')
-    p.add_argument('--loaderjob', '-j', type=positive_int, default=2,
+    p.add_argument('--decoders', '-j', type=positive_int, default=2,
                    help='decoding threads (FFmpeg decodes outside the GIL)')
     p.add_argument('--prefetch', type=positive_int, default=8, help='decoded batches allowed to wait for the network')
-    p.add_argument('--conv', default='fast', choices=('stock', 'fast'),
-                   help="fast: fast_conv.py's CPU convolution and pooling (about 1.9x on VGG16; GPU arrays use "
-                        "Chainer's own either way); stock: Chainer's own")
+    add_conv_flag(p)
     p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
     p.add_argument('--allow-other-split', action='store_true',
                    help='extract with a model fine-tuned on another split (its training clips include test clips '

@@ -20,12 +20,11 @@ import glob
 import os
 import sys
 
-import h5py
 import numpy as np
 
-from helperFunctions import (DataError, ExtractionManifest, Progress, atomic_path, clip_stem, describe_extraction,
-                             ensure_space, exit_on_user_error, make_provenance, parse_provenance, provenance_text,
-                             read_class_index, read_split, run_isolated, warn)
+from helperFunctions import (DataError, ExtractionManifest, add_data_flags, clip_stem, describe_extraction, ensure_space,
+                             exit_on_user_error, make_provenance, provenance_text, read_class_index, read_split, warn)
+from packed_hdf5 import write_packed
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
            ('test', 'predictions', 'testPredictions1024.hdf5')]
@@ -67,35 +66,6 @@ def check_complete(clips, folder, log_dir, skip_missing, what):
     return present
 
 
-def write_packed(out_path, items, total, classes, **attrs):
-    """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically.
-
-    Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
-    """
-    with atomic_path(out_path, remove_stale=True) as tmp:
-        return run_isolated(_write_hdf5, tmp, items, total, classes, attrs, os.path.basename(out_path))
-
-
-def _write_hdf5(tmp, items, total, classes, attrs, title):
-    progress = Progress(total, 'clips', f'{title}: ', interval=5)
-    names, labels, frames, dim = [], [], 0, None
-    with open_hdf5(tmp, 'w') as f:
-        for name, label, array in items:
-            dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
-            dataset.attrs['label'] = label
-            names.append(name)
-            labels.append(label)
-            frames += array.shape[0]
-            dim = array.shape[1]
-            progress.update()
-        # The clip list is too long for an HDF5 attribute (64 KiB) at full scale: it is a dataset.
-        f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
-        f['_index/labels'] = np.array(labels, np.int32)
-        f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
-        f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
-    return len(names), frames
-
-
 def npy_items(clips, folder):
     """(name, label, array) of each clip's .npy file, checked to be a whole frames x dims array."""
     dim = None
@@ -110,17 +80,6 @@ def npy_items(clips, folder):
                             'delete it and rerun its shard')
         dim = array.shape[1]
         yield clip_stem(clip.path), clip.label, array
-
-
-def open_hdf5(path, mode):
-    """h5py.File, with the one fix that shared file systems need said in one line."""
-    try:
-        return h5py.File(path, mode)
-    except OSError as e:
-        if 'lock' in str(e).lower():
-            raise DataError(f'{path}: this file system refuses HDF5 file locks ({e}); run '
-                            '`export HDF5_USE_FILE_LOCKING=FALSE` (in job scripts too) and rerun') from None
-        raise
 
 
 def one_extraction(plan, features_dir, predictions_dir, split):
@@ -149,45 +108,9 @@ def one_extraction(plan, features_dir, predictions_dir, split):
     return record
 
 
-def read_clip(f, name):
-    """(frames x dims array, label) of one clip of an open packed file."""
-    dataset = f[name]
-    return dataset[()], int(dataset.attrs['label'])
-
-
-def read_hdf5_header(path, expect_split=None, expect_subset=None):
-    """The attributes of a packed file, checked against what the caller expects (split, subset)."""
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: not found; make it with `python save_hdf5.py` (Part 2)')
-    try:
-        with open_hdf5(path, 'r') as f:
-            attrs = {k: f.attrs[k] for k in f.attrs}
-            if '_index' in f:
-                attrs.update(clips=[c.decode() for c in f['_index/clips'][()]],
-                             labels=f['_index/labels'][()],
-                             classes=[c.decode() for c in f['_index/classes'][()]])
-    except OSError as e:
-        raise DataError(f'{path}: not a readable HDF5 file ({e}); make it again with save_hdf5.py') from None
-    for key, expected in (('split', expect_split), ('subset', expect_subset), ('clips', None)):
-        if key not in attrs:
-            raise DataError(f'{path}: no {key!r} attribute; was it written by save_hdf5.py?')
-        if expected is not None and attrs[key] != expected:
-            raise DataError(f'{path} holds {key} {attrs[key]!r}, not {expected!r}; pass the file of the right '
-                            f'split, or --split {attrs[key]}' if key == 'split' else
-                            f'{path} holds the {attrs[key]} clips, not the {expected} ones')
-    return attrs
-
-
-def file_provenance(path, header=None):
-    """The provenance record of a packed file (its path added); {'source': 'unknown'} for files from before."""
-    header = header or read_hdf5_header(path)
-    return dict(parse_provenance(header.get('provenance')), path=os.path.abspath(path))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--lists', default='ucfTrainTestlist')
-    p.add_argument('--split', type=int, default=1, choices=(1, 2, 3))
+    add_data_flags(p, data=False)
     p.add_argument('--features-dir', default='UCF-101_features')
     p.add_argument('--predictions-dir', default='UCF-101_framePrediction')
     p.add_argument('--log-dir', default='extraction_logs', help="saveFeatures_1024.py's failures files")

@@ -15,13 +15,14 @@ import numpy as np
 
 from confusion import report_model, save_results
 from helperFunctions import DataError, exit_on_user_error, make_provenance, provenance_text
-from save_hdf5 import file_provenance, read_clip, read_hdf5_header
+from packed_hdf5 import file_provenance, read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
 
 
 def clip_scores(path):
-    """(clip names, labels, scores clips x classes, classes) of a testPredictions file."""
+    """(clip names, labels, scores clips x classes, class names, split, provenance record) of a
+    testPredictions file."""
     header = read_hdf5_header(path, expect_subset='test')
     if header.get('kind') != 'predictions':
         raise DataError(f'{path} holds {header.get("kind")}, not per-frame predictions; '

@@ -13,6 +13,7 @@ import pytest
 
 import VGGNet_1024
 import normalizeData
+import packed_hdf5
 import saveFeatures_1024
 import save_hdf5
 import singleFrameAccuracy
@@ -130,7 +131,7 @@ def test_packed_files(tiny_ucf, extracted, packed):
     lists = os.path.join(root, 'ucfTrainTestlist')
     for name, subset, dims in (('train1024.hdf5', 'train', 16), ('test1024.hdf5', 'test', 16),
                                ('testPredictions1024.hdf5', 'test', 4)):
-        header = save_hdf5.read_hdf5_header(str(packed / name), expect_split=1, expect_subset=subset)
+        header = packed_hdf5.read_hdf5_header(str(packed / name), expect_split=1, expect_subset=subset)
         clips = read_split(lists, 1, subset)
         assert header['clips'] == [clip_stem(c.path) for c in clips]
         assert list(header['labels']) == [c.label for c in clips]
@@ -162,9 +163,9 @@ def test_normalization(packed, tmp_path):
                         '--train-out', out['train'], '--test-out', out['test'],
                         '--stats', str(tmp_path / 'stats.npz')])
     with h5py.File(packed / 'train1024.hdf5', 'r') as f:
-        raw = np.concatenate([f[n][()] for n in save_hdf5.read_hdf5_header(str(packed / 'train1024.hdf5'))['clips']])
+        raw = np.concatenate([f[n][()] for n in packed_hdf5.read_hdf5_header(str(packed / 'train1024.hdf5'))['clips']])
     with h5py.File(out['train'], 'r') as f:
-        normalized = np.concatenate([f[n][()] for n in save_hdf5.read_hdf5_header(out['train'])['clips']])
+        normalized = np.concatenate([f[n][()] for n in packed_hdf5.read_hdf5_header(out['train'])['clips']])
     stats = np.load(tmp_path / 'stats.npz')
     assert np.allclose(stats['mean'], raw.mean(axis=0), atol=1e-4)
     varying = raw.std(axis=0) > 1e-6
@@ -173,7 +174,7 @@ def test_normalization(packed, tmp_path):
     assert np.allclose(normalized.std(axis=0)[varying], 1, atol=1e-3)
     assert np.isfinite(normalized).all() and (stats['std'] > 0).all()
     with h5py.File(out['test'], 'r') as f, h5py.File(packed / 'test1024.hdf5', 'r') as g:
-        name = save_hdf5.read_hdf5_header(out['test'])['clips'][0]
+        name = packed_hdf5.read_hdf5_header(out['test'])['clips'][0]
         assert np.allclose(f[name][()], (g[name][()] - stats['mean']) / stats['std'], atol=1e-5)
 
 

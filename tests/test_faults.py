@@ -450,7 +450,7 @@ def test_hdf5_of_another_split(reference_packed, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_constant_and_non_finite_features(reference_packed, tmp_path):
-    from save_hdf5 import read_clip, read_hdf5_header, write_packed
+    from packed_hdf5 import read_clip, read_hdf5_header, write_packed
     source = reference_packed / 'train1024.hdf5'
     header = read_hdf5_header(str(source))
     poisoned = header['clips'][:2]
@@ -675,7 +675,6 @@ def test_divergence_stops_fine_tuning(tiny_ucf, small_vgg, tmp_path):
     assert result.returncode == 1 and 'training diverged at iteration' in line and '--lr' in line, result.stderr
     assert 'Traceback' not in result.stderr
     assert (tmp_path / 'VGG_1024.model').read_bytes() == b'previous result'
-    import chainer
     for snapshot in tmp_path.glob('snapshot_iter_*'):  # every snapshot left is of finite weights
         with np.load(snapshot) as f:
             assert all(np.isfinite(f[k]).all() for k in f.files if 'predictor' in k or k.startswith('updater/model'))

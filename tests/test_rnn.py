@@ -10,7 +10,7 @@ import pytest
 
 import rnn
 from helperFunctions import repeatSequence
-from save_hdf5 import write_packed
+from packed_hdf5 import write_packed
 
 CLASSES = ['Down', 'Still', 'Up']
 
