@@ -117,7 +117,8 @@ def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None):
     shapes, channels = {}, 3
     for block, (count, width) in enumerate(zip(BLOCKS, widths)):
         for i in range(count):
-            shapes[f'conv{block + 1}_{i + 1}/W'], shapes[f'conv{block + 1}_{i + 1}/b'] = (width, channels, 3, 3), (width,)
+            name = f'conv{block + 1}_{i + 1}'
+            shapes[f'{name}/W'], shapes[f'{name}/b'] = (width, channels, 3, 3), (width,)
             channels = width
     cells = channels * (insize // 32) ** 2
     fc7_size = fc7_size or fc_size

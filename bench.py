@@ -192,7 +192,8 @@ def decoding_figures(folder, repeat):
 
     def bare():
         for c in clips:
-            subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), '-v', 'error', '-nostdin', '-i', c, '-f', 'rawvideo', '-pix_fmt', 'rgb24',
+            subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), '-v', 'error', '-nostdin', '-i', c, '-f', 'rawvideo',
+                            '-pix_fmt', 'rgb24',
                             '-'], stdout=subprocess.DEVNULL, check=True)
 
     def with_preprocessing():

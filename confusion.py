@@ -16,8 +16,8 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score
 
-from helperFunctions import (DataError, atomic_path, describe_extraction, exit_on_user_error, extraction_of,
-                             make_provenance, parse_provenance, provenance_text, warn)
+from helperFunctions import (DataError, HelpFormatter, atomic_path, describe_extraction, exit_on_user_error,
+                             extraction_of, make_provenance, parse_provenance, provenance_text, warn)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -58,7 +58,8 @@ def most_confused(counts, classes, n=10):
     np.fill_diagonal(off, 0)
     true, predicted = np.nonzero(off)
     order = np.lexsort((-counts[true, predicted], -off[true, predicted]))[:n]
-    return [(classes[t], classes[p], float(off[t, p]), int(counts[t, p])) for t, p in zip(true[order], predicted[order])]
+    return [(classes[t], classes[p], float(off[t, p]), int(counts[t, p]))
+            for t, p in zip(true[order], predicted[order])]
 
 
 def save_confusion(counts, classes, prefix, title):
@@ -210,7 +211,7 @@ def restrict(results, clips):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--single', default='singleFrame_results.npz', help='from singleFrameAccuracy.py')
     p.add_argument('--lstm', default='lstm_results.npz', help='from rnn.py')
     p.add_argument('--out', '-o', default='report', help='folder for the plots and tables')

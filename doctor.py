@@ -81,7 +81,8 @@ def host_checks():
         checks.append(Check('CPU convolution', 'warn', f'fast_conv unusable ({type(e).__name__}: {e})',
                             'use --conv stock, or rebuild with `make venv`'))
     free = shutil.disk_usage('.').free / 1e9
-    checks.append(Check('free disk here', 'ok' if free >= FEATURE_DISK_GB else 'warn', f'{free:,.0f} GB in {os.getcwd()}',
+    checks.append(Check('free disk here', 'ok' if free >= FEATURE_DISK_GB else 'warn',
+                        f'{free:,.0f} GB in {os.getcwd()}',
                         f'Part 2 writes ~{FEATURE_DISK_GB} GB at full UCF-101 scale: run from a folder on a larger '
                         'file system (scratch)'))
     checks.append(hdf5_locking_check())

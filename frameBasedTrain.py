@@ -21,13 +21,57 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, Progress, RunRecord, VideoError, add_conv_flag,
-                             add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk, exit_on_user_error, fraction, make_provenance, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
-                             rate_eta_extension, read_class_index, read_frame, read_frames, read_split, resume_trainer,
-                             stop_on_divergence, usable_cpus, use_device, video_info, warn)
+from helperFunctions import (DataError, NO_AUGMENTATION, HelpFormatter, Progress, RunRecord, VideoError,
+                             add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk,
+                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
+                             read_class_index, read_frame, read_frames, read_split, resume_trainer, stop_on_divergence,
+                             usable_cpus, use_device, video_info, warn)
 
 matplotlib.use('Agg')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    data = p.add_argument_group('data')
+    add_data_flags(data)
+    data.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
+    data.add_argument('--loaderjob', '-j', type=nonnegative_int, default=usable_cpus(),
+                      help='frame-loading processes (0: load in the training process); the default is the CPUs '
+                           'this job may use (its Slurm/PBS cpuset)')
+    data.add_argument('--cache-mb', type=nonnegative_int, default=0,
+                      help='keep decoded clips in memory up to this size, per loading process (small data sets)')
+    model = p.add_argument_group('model')
+    model.add_argument('--vgg', default='VGG.model', help='ImageNet VGG16 weights (see VGGNet.py)')
+    model.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
+                       help='lowest layer that learns; the layers below stay as in VGG.model')
+    model.add_argument('--feature-size', type=positive_int, default=1024, help='width of the new fc7')
+    model.add_argument('--dropout', type=fraction, default=0.5, help='dropout ratio after fc6 and fc7')
+    model.add_argument('--insize', type=positive_int, default=None,
+                       help='input side (None: what VGG.model was made for)')
+    add_conv_flag(model)
+    optimisation = p.add_argument_group('optimisation (MomentumSGD with weight decay)')
+    optimisation.add_argument('--batchsize', '-b', type=positive_int, default=36, help='frames per batch')
+    optimisation.add_argument('--epoch', '-e', type=positive_int, default=20, help='passes over the training clips')
+    optimisation.add_argument('--lr', type=positive_float, default=0.0005, help='learning rate')
+    optimisation.add_argument('--momentum', type=fraction, default=0.9, help='momentum')
+    optimisation.add_argument('--weight-decay', type=nonnegative_float, default=0.0005, help='L2 weight decay')
+    optimisation.add_argument('--seed', type=int, default=0, help='seed of the new layers and the frame order')
+    augmentation = p.add_argument_group('augmentation (one random frame of each clip per epoch)')
+    augmentation.add_argument('--no-flip', action='store_true', help='turn off random horizontal flips')
+    augmentation.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
+    augmentation.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
+    augmentation.add_argument('--rotate', action='store_true', help='random rotations of up to 10 degrees')
+    output = p.add_argument_group('output and resume')
+    output.add_argument('--model-out', default='VGG_1024.model', help='where the fine-tuned weights go')
+    output.add_argument('--out', '-o', default='result_frame', help='folder for the log, plots and snapshots')
+    output.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')
+    output.add_argument('--log-interval', type=positive_int, default=20, help='iterations between log lines')
+    output.add_argument('--snapshot-interval', type=nonnegative_int, default=0,
+                        help='iterations between snapshots (0: one per epoch)')
+    add_resume_flag(output)
+    add_device_flag(output)
+    return p.parse_args(argv)
 
 
 # Settings a resumed run may change: where it runs and how it reports, not what it computes. A longer --epoch
@@ -221,41 +265,6 @@ def make_trainer(args):
     return trainer, model, provenance
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p)
-    p.add_argument('--vgg', default='VGG.model', help='ImageNet VGG16 weights (see VGGNet.py)')
-    p.add_argument('--model-out', default='VGG_1024.model', help='where the fine-tuned weights go')
-    p.add_argument('--out', '-o', default='result_frame', help='folder for the log, plots and snapshots')
-    add_device_flag(p)
-    p.add_argument('--batchsize', '-b', type=positive_int, default=36)
-    p.add_argument('--epoch', '-e', type=positive_int, default=20)
-    p.add_argument('--lr', type=positive_float, default=0.0005)
-    p.add_argument('--momentum', type=fraction, default=0.9)
-    p.add_argument('--weight-decay', type=nonnegative_float, default=0.0005)
-    p.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
-                   help='lowest layer that learns; the layers below stay as in VGG.model')
-    p.add_argument('--feature-size', type=positive_int, default=1024, help='width of the new fc7')
-    p.add_argument('--dropout', type=fraction, default=0.5, help='dropout ratio after fc6 and fc7')
-    p.add_argument('--insize', type=positive_int, default=None, help='input side; default: what VGG.model was made for')
-    p.add_argument('--no-flip', action='store_true', help='turn off random horizontal flips')
-    p.add_argument('--crop', action='store_true', help='random crops of 87.5%% of each side')
-    p.add_argument('--resize', action='store_true', help='random zoom: crops of 60-100%% of each side')
-    p.add_argument('--rotate', action='store_true', help='random rotations of up to 10 degrees')
-    add_conv_flag(p)
-    p.add_argument('--loaderjob', '-j', type=nonnegative_int, default=usable_cpus(),
-                   help='frame-loading processes (0: load in the training process); default: the CPUs this job '
-                        'may use (its Slurm/PBS cpuset), %(default)s here')
-    p.add_argument('--cache-mb', type=nonnegative_int, default=0,
-                   help='keep decoded clips in memory up to this size, per loading process (small data sets)')
-    p.add_argument('--test-eval', action='store_true', help='evaluate on the test split every epoch')
-    p.add_argument('--log-interval', type=positive_int, default=20, help='iterations between log lines')
-    p.add_argument('--snapshot-interval', type=nonnegative_int, default=0,
-                   help='iterations between snapshots (default: one per epoch)')
-    add_resume_flag(p)
-    p.add_argument('--skip-missing', action='store_true', help='go on when listed clips are missing on disk')
-    p.add_argument('--seed', type=int, default=0, help='seed of the new layers and the frame order')
-    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -801,23 +801,27 @@ DEFAULT_DEVICE = '-1'
 SPLITS = (1, 2, 3)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help as a configuration sheet: the docstring as written, and every flag with its default."""
+
+
 def add_data_flags(group, data=True):
     """--data (the clips; not for steps that read only features), --lists and --split, UCF-101's names."""
     if data:
         group.add_argument('--data', default='UCF-101', help='folder with the 101 class folders of clips')
     group.add_argument('--lists', default='ucfTrainTestlist', help='folder with classInd.txt and the split lists')
-    group.add_argument('--split', type=int, default=1, choices=SPLITS, help='official split (default: %(default)s)')
+    group.add_argument('--split', type=int, default=1, choices=SPLITS, help='official split')
 
 
 def add_device_flag(group):
     group.add_argument('--device', '-d', default=DEFAULT_DEVICE,
-                       help='-1 or @numpy: the CPU; 0 or @cupy:0: the first GPU (default: %(default)s)')
+                       help='-1 or @numpy: the CPU; 0 or @cupy:0: the first GPU')
 
 
 def add_conv_flag(group):
     group.add_argument('--conv', default='fast', choices=('stock', 'fast'),
                        help="fast: fast_conv.py's CPU convolution and pooling (about 2x stock on VGG16; GPU arrays "
-                            "use Chainer's own either way); stock: Chainer's own (default: %(default)s)")
+                            "use Chainer's own either way); stock: Chainer's own")
 
 
 def add_resume_flag(group):

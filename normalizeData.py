@@ -15,8 +15,8 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import (DataError, Progress, atomic_path, describe_extraction, ensure_space, exit_on_user_error,
-                             extraction_of, make_provenance, provenance_text, warn)
+from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, describe_extraction, ensure_space,
+                             exit_on_user_error, extraction_of, make_provenance, provenance_text, warn)
 from packed_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
 
 
@@ -70,7 +70,7 @@ def normalized_items(path, clips, mean, std):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--train', default='train1024.hdf5')
     p.add_argument('--test', default='test1024.hdf5')
     p.add_argument('--train-out', default='train1024_norm.hdf5')

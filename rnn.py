@@ -32,9 +32,9 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
-from helperFunctions import (DataError, RunRecord, add_device_flag, add_resume_flag, atomic_path, describe_extraction,
-                             exit_on_user_error, extraction_of, fraction, make_provenance, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, provenance_text,
+from helperFunctions import (DataError, HelpFormatter, RunRecord, add_device_flag, add_resume_flag, atomic_path,
+                             describe_extraction, exit_on_user_error, extraction_of, fraction, make_provenance,
+                             nonnegative_float, nonnegative_int, positive_float, positive_int, provenance_text,
                              rate_eta_extension, repeatSequence, resume_trainer, stop_on_divergence, usable_cpus,
                              use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
@@ -46,6 +46,57 @@ INFERENCE = ('full', 'last', 'weighted', 'segments')
 # continues the same run further.
 FREE_ON_RESUME = {'resume', 'device', 'epoch', 'max_iterations', 'in_memory', 'out', 'model_out', 'results', 'train',
                   'test'}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    data = p.add_argument_group('data')
+    data.add_argument('--train', default='train1024_norm.hdf5', help='normalised training features')
+    data.add_argument('--test', default='test1024_norm.hdf5', help='normalised test features')
+    data.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
+    model = p.add_argument_group('model')
+    model.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
+    model.add_argument('--lstm-layers', type=positive_int, default=1, help='stacked LSTM layers')
+    model.add_argument('--fc', type=positive_int, default=512, help='width of the Linear + sigmoid layer')
+    model.add_argument('--dropout', type=fraction, default=0.0, help='dropout ratio on the LSTM inputs and outputs')
+    model.add_argument('--batchnorm', action='store_true', help='batch normalisation of the LSTM output')
+    optimisation = p.add_argument_group('optimisation')
+    optimisation.add_argument('--epoch', '-e', type=positive_int, default=20, help='passes over the training clips')
+    optimisation.add_argument('--max-iterations', type=nonnegative_int, default=0,
+                              help='stop after this many updates of the batch, whatever --epoch says (quick trials; '
+                                   '0: off)')
+    optimisation.add_argument('--batchsize', '-b', type=positive_int, default=32, help='sequences per batch')
+    optimisation.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'), help='update rule')
+    optimisation.add_argument('--lr', type=positive_float, default=0.001, help='learning rate (Adam: alpha)')
+    optimisation.add_argument('--momentum', type=fraction, default=0.9, help='momentum of --optimizer momentum')
+    optimisation.add_argument('--weight-decay', type=nonnegative_float, default=0.0, help='L2 weight decay')
+    optimisation.add_argument('--grad-clip', type=nonnegative_float, default=0.0,
+                              help='clip the gradient norm to this (0: off)')
+    optimisation.add_argument('--seqlen', type=positive_int, default=120, help='frames per training sequence')
+    optimisation.add_argument('--bptt', type=positive_int, default=30,
+                              help='truncated back-propagation length: an update every this many steps')
+    optimisation.add_argument('--variable-length', type=nonnegative_int, default=0, metavar='MIN',
+                              help='train each batch on a random length between MIN and --seqlen (0: off)')
+    optimisation.add_argument('--loss-weighting', default='uniform', choices=('uniform', 'linear', 'last'),
+                              help="weight of each step's loss: equal, growing toward the end, or the last step only")
+    optimisation.add_argument('--seed', type=int, default=0, help='of the weights, the order and the augmentations')
+    augmentation = p.add_argument_group('augmentation')
+    augmentation.add_argument('--noise', type=nonnegative_float, default=0.0, help='Gaussian noise on the features')
+    augmentation.add_argument('--max-stride', type=positive_int, default=1, help='random frame stride up to this')
+    inference = p.add_argument_group('inference')
+    inference.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
+                           help='test techniques to report (the first one is saved for confusion.py)')
+    inference.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for segments')
+    output = p.add_argument_group('output and resume')
+    output.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
+    output.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
+    output.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
+    add_resume_flag(output)
+    add_device_flag(output)
+    args = p.parse_args(argv)
+    if args.variable_length > args.seqlen:
+        p.error(f'--variable-length {args.variable_length} is longer than --seqlen {args.seqlen}')
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,46 +475,6 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--train', default='train1024_norm.hdf5', help='normalised training features')
-    p.add_argument('--test', default='test1024_norm.hdf5', help='normalised test features')
-    p.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
-    p.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
-    p.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
-    add_device_flag(p)
-    p.add_argument('--epoch', '-e', type=positive_int, default=20)
-    p.add_argument('--max-iterations', type=nonnegative_int, default=0,
-                   help='stop after this many updates of the batch, whatever --epoch says (quick trials; 0: off)')
-    p.add_argument('--batchsize', '-b', type=positive_int, default=32)
-    p.add_argument('--optimizer', default='adam', choices=('adam', 'sgd', 'momentum'))
-    p.add_argument('--lr', type=positive_float, default=0.001, help='learning rate (Adam: alpha)')
-    p.add_argument('--momentum', type=fraction, default=0.9, help='momentum of --optimizer momentum')
-    p.add_argument('--weight-decay', type=nonnegative_float, default=0.0)
-    p.add_argument('--grad-clip', type=nonnegative_float, default=0.0, help='clip the gradient norm to this (0: off)')
-    p.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
-    p.add_argument('--lstm-layers', type=positive_int, default=1)
-    p.add_argument('--fc', type=positive_int, default=512, help='width of the Linear + sigmoid layer')
-    p.add_argument('--dropout', type=fraction, default=0.0, help='dropout ratio on the LSTM inputs and outputs')
-    p.add_argument('--batchnorm', action='store_true', help='batch normalisation of the LSTM output')
-    p.add_argument('--seqlen', type=positive_int, default=120, help='frames per training sequence')
-    p.add_argument('--bptt', type=positive_int, default=30, help='truncated back-propagation length')
-    p.add_argument('--variable-length', type=nonnegative_int, default=0, metavar='MIN',
-                   help='train each batch on a random length between MIN and --seqlen (0: off)')
-    p.add_argument('--loss-weighting', default='uniform', choices=('uniform', 'linear', 'last'),
-                   help="weight of each step's loss: equal, growing toward the end, or the last step only")
-    p.add_argument('--noise', type=nonnegative_float, default=0.0, help='augmentation: Gaussian noise on the features')
-    p.add_argument('--max-stride', type=positive_int, default=1, help='augmentation: random frame stride up to this')
-    p.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
-                   help='test techniques to report (the first one is saved for confusion.py)')
-    p.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for --inference segments')
-    p.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
-    add_resume_flag(p)
-    p.add_argument('--seed', type=int, default=0)
-    args = p.parse_args(argv)
-    if args.variable_length > args.seqlen:
-        p.error(f'--variable-length {args.variable_length} is longer than --seqlen {args.seqlen}')
-    return args
 
 
 def same_extraction(train, test, train_path, test_path):

@@ -72,7 +72,8 @@ def main(argv=None):
     for i, setting in enumerate(settings, 1):
         name = run_name(setting)
         full = run_settings([*common, *flags_for(setting)])
-        out = os.path.join(args.out, f'{name}_{hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]}')
+        key = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
+        out = os.path.join(args.out, f'{name}_{key}')
         results = os.path.join(out, 'lstm_results.npz')
         run_args = [*common, *flags_for(setting), '--out', out, '--model-out', os.path.join(out, 'rnn.model'),
                     '--results', results]

@@ -27,10 +27,11 @@ import chainer
 import numpy as np
 
 import VGGNet_1024
-from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, Progress, VideoError, add_conv_flag,
-                             add_data_flags, add_device_flag, atomic_path, check_clips_on_disk, exit_on_user_error, header_frame_count,
-                             iter_frames, make_provenance, nonnegative_int, positive_int, preprocess_frame,
-                             read_class_index, read_split, save_npy_atomic, use_device, video_info, warn)
+from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, HelpFormatter, Progress, VideoError,
+                             add_conv_flag, add_data_flags, add_device_flag, atomic_path, check_clips_on_disk,
+                             exit_on_user_error, header_frame_count, iter_frames, make_provenance, nonnegative_int,
+                             positive_int, preprocess_frame, read_class_index, read_split, save_npy_atomic, use_device,
+                             video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 
@@ -224,7 +225,7 @@ def extract_shard(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_flags(p)
     p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
     p.add_argument('--model', default='VGG_1024.model', help='fine-tuned weights from frameBasedTrain.py')

@@ -22,8 +22,9 @@ import sys
 
 import numpy as np
 
-from helperFunctions import (DataError, ExtractionManifest, add_data_flags, clip_stem, describe_extraction, ensure_space,
-                             exit_on_user_error, make_provenance, provenance_text, read_class_index, read_split, warn)
+from helperFunctions import (DataError, ExtractionManifest, HelpFormatter, add_data_flags, clip_stem,
+                             describe_extraction, ensure_space, exit_on_user_error, make_provenance, provenance_text,
+                             read_class_index, read_split, warn)
 from packed_hdf5 import write_packed
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
@@ -109,7 +110,7 @@ def one_extraction(plan, features_dir, predictions_dir, split):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_flags(p, data=False)
     p.add_argument('--features-dir', default='UCF-101_features')
     p.add_argument('--predictions-dir', default='UCF-101_framePrediction')

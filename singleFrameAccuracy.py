@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from confusion import report_model, save_results
-from helperFunctions import DataError, exit_on_user_error, make_provenance, provenance_text
+from helperFunctions import DataError, HelpFormatter, exit_on_user_error, make_provenance, provenance_text
 from packed_hdf5 import file_provenance, read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
@@ -37,7 +37,7 @@ def clip_scores(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--predictions', default='testPredictions1024.hdf5')
     p.add_argument('--results', default='singleFrame_results.npz', help='per-clip scores, for confusion.py')
     p.add_argument('--out', '-o', default='report', help='folder for the confusion matrix and tables')
