@@ -8,6 +8,7 @@ Inputs are 3 x insize x insize, BGR minus the Caffe mean (helperFunctions.prepro
 are for insize 224; smaller inputs (multiples of 32) with random weights serve the tests and the demo.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -16,6 +17,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
+import fast_conv
 from helperFunctions import (DataError, array_digest, atomic_path, exit_on_user_error, make_provenance,
                              parse_provenance, provenance_text)
 
@@ -29,30 +31,42 @@ HOW_TO_GET = ('Make it with `python VGGNet.py --from-caffemodel VGG_ILSVRC_16_la
               "Chainer's VGG16Layers npz; `python VGGNet.py --random` makes random weights for a demo.")
 
 
-def conv_forward(x, link, implementation):
-    """3x3/pad 1 convolution by the chosen implementation: 'stock' Chainer, or 'fast' (fast_conv.py, which also
-    brings its own 2x2 max pooling)."""
-    if implementation == 'fast':
-        import fast_conv
-        return fast_conv.convolution_3x3(x, link.W, link.b)
+LAYERS = CONV_LAYERS + FC_LAYERS  # bottom to top: --train-from names one of them
+
+
+def stock_convolution(x, link):
     return F.convolution_2d(x, link.W, link.b, pad=1)
 
 
-def pool_forward(x, implementation):
-    if implementation == 'fast':
-        import fast_conv
-        return fast_conv.max_pooling_2x2(x)
+def stock_pooling(x):
     return F.max_pooling_2d(x, 2, 2)
 
 
-class VGGTrunk(chainer.Chain):
-    """conv1_1 ... conv5_3 and fc6, the layers VGGNet and VGGNet_1024 share (same names, so weights copy)."""
+def fast_convolution(x, link):
+    return fast_conv.convolution_3x3(x, link.W, link.b)
 
-    def __init__(self, insize=224, widths=WIDTHS, fc6_size=4096, conv='stock'):
+
+# conv: (3x3 convolution, 2x2 max pooling, fused pass of the layers that build no graph, or None)
+IMPLEMENTATIONS = {'stock': (stock_convolution, stock_pooling, None),
+                   'fast': (fast_convolution, fast_conv.max_pooling_2x2, fast_conv.frozen_layers)}
+
+
+class VGGTrunk(chainer.Chain):
+    """conv1_1 ... conv5_3 and fc6, the layers VGGNet and VGGNet_1024 share (same names, so weights copy).
+
+    Two choices are made here, once: `conv`, how convolutions and poolings run ('stock' Chainer or 'fast',
+    fast_conv.py; GPU arrays use Chainer's own either way), and `train_from`, the lowest layer that learns:
+    `learns(layer)` is the one place that decides which layers build a graph and get updates.
+    """
+
+    def __init__(self, insize=224, widths=WIDTHS, fc6_size=4096, conv='stock', train_from='conv1_1'):
         super().__init__()
         if insize % 32:
             raise ValueError(f'insize must be a multiple of 32 (five 2x2 poolings), got {insize}')
-        self.insize, self.conv = insize, conv
+        if train_from not in LAYERS:
+            raise ValueError(f'unknown layer {train_from!r}; one of {", ".join(LAYERS)}')
+        self.insize, self.conv, self.train_from = insize, conv, train_from
+        self.convolve, self.pool, self.frozen_pass = IMPLEMENTATIONS[conv]
         with self.init_scope():
             channels, names, he = 3, iter(CONV_LAYERS), chainer.initializers.HeNormal()
             for width, n in zip(widths, BLOCKS):
@@ -62,22 +76,22 @@ class VGGTrunk(chainer.Chain):
                     channels = width
             self.fc6 = L.Linear(channels * (insize // 32) ** 2, fc6_size)
 
-    def pool5(self, x, graph_from=None):
-        """conv1_1 ... pool5. The layers before `graph_from` (a convolution's name), or all of them when no graph
-        is being built, run without a graph; with conv='fast' on the CPU they run as one fused pass
-        (fast_conv.frozen_layers), the activations staying in its layout from layer to layer."""
+    def learns(self, layer):
+        """Whether `layer` learns: it is --train-from or above it."""
+        return LAYERS.index(layer) >= LAYERS.index(self.train_from)
+
+    def pool5(self, x):
+        """conv1_1 ... pool5. The layers that do not learn, or all of them when no graph is being built, run
+        without a graph; with conv='fast' on the CPU they run as one fused pass (fast_conv.frozen_layers), the
+        activations staying in its layout from layer to layer."""
         steps, names = [], iter(CONV_LAYERS)
         for n in BLOCKS:
             steps += [getattr(self, next(names)) for _ in range(n)] + [None]  # None: 2x2 max pooling
-        if not chainer.config.enable_backprop or (graph_from and graph_from not in CONV_LAYERS):
-            frozen = len(steps)
-        else:
-            frozen = steps.index(getattr(self, graph_from)) if graph_from else 0
+        learning = [i for i, s in enumerate(steps) if s is not None and self.learns(s.name)]
+        frozen = learning[0] if learning and chainer.config.enable_backprop else len(steps)
         h = x.array if isinstance(x, chainer.Variable) else x
-        if frozen and self.conv == 'fast' and isinstance(h, np.ndarray) and h.dtype == np.float32:
-            import fast_conv
-            h = fast_conv.frozen_layers(h, [(s.W.array, s.b.array) if s is not None else None
-                                              for s in steps[:frozen]])
+        if frozen and self.frozen_pass and isinstance(h, np.ndarray) and h.dtype == np.float32:
+            h = self.frozen_pass(h, [(s.W.array, s.b.array) if s is not None else None for s in steps[:frozen]])
         else:
             with chainer.no_backprop_mode():
                 h = self._run(h, steps[:frozen])
@@ -85,12 +99,19 @@ class VGGTrunk(chainer.Chain):
 
     def _run(self, h, steps):
         for step in steps:
-            h = F.relu(conv_forward(h, step, self.conv)) if step is not None else pool_forward(h, self.conv)
+            h = F.relu(self.convolve(h, step)) if step is not None else self.pool(h)
         return h
 
-    def fc6_features(self, x, graph_from=None):
-        """relu(fc6) before dropout (`graph_from`: as in pool5)."""
-        return F.relu(self.fc6(self.pool5(x, graph_from)))
+    def fc6_features(self, x):
+        """relu(fc6) before dropout."""
+        h = self.pool5(x)
+        with graph_if(self.learns('fc6')):
+            return F.relu(self.fc6(h))
+
+
+def graph_if(learns):
+    """Build a graph for a layer that learns; run one that does not without."""
+    return contextlib.nullcontext() if learns else chainer.no_backprop_mode()
 
 
 class VGGNet(VGGTrunk):
@@ -224,7 +245,7 @@ def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
     names = iter(CONV_LAYERS)
 
     def calibrate(link, x, axes):
-        pre = (conv_forward(x, link, model.conv) if axes == (0, 2, 3) else link(x)).array
+        pre = (model.convolve(x, link) if axes == (0, 2, 3) else link(x)).array
         mean, std = pre.mean(axis=axes), pre.std(axis=axes) + 1e-6
         link.W.array /= std.reshape((-1,) + (1,) * (link.W.ndim - 1))
         link.b.array[...] = (link.b.array - mean) / std
@@ -234,8 +255,8 @@ def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
             for _ in range(n):
                 link = getattr(model, next(names))
                 calibrate(link, h, (0, 2, 3))
-                h = F.relu(conv_forward(h, link, model.conv))
-            h = pool_forward(h, model.conv)
+                h = F.relu(model.convolve(h, link))
+            h = model.pool(h)
         for name in ('fc6', 'fc7'):
             link = getattr(model, name)
             calibrate(link, h, (0,))

@@ -8,51 +8,35 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from VGGNet import (CONV_LAYERS, WIDTHS, VGGTrunk, model_provenance, read_params, save_model, set_params,
-                    shapes_from_params)
+from VGGNet import (CONV_LAYERS, LAYERS, WIDTHS, VGGTrunk, graph_if, model_provenance, read_params, save_model,
+                    set_params, shapes_from_params)
 from helperFunctions import DataError
-
-LAYERS = CONV_LAYERS + ['fc6', 'fc7', 'fc8']
 
 
 class VGGNet_1024(VGGTrunk):
 
     def __init__(self, n_classes=101, insize=224, widths=WIDTHS, fc6_size=4096, feature_size=1024, conv='stock',
                  train_from='fc7', dropout=0.5):
-        super().__init__(insize, widths, fc6_size, conv)
+        super().__init__(insize, widths, fc6_size, conv, train_from)
         self.dropout = dropout  # after fc6 and fc7 in training, as in VGG16
         with self.init_scope():
             self.fc7 = L.Linear(fc6_size, feature_size)
             self.fc8 = L.Linear(feature_size, n_classes)
-        if train_from not in LAYERS:
-            raise ValueError(f'unknown layer {train_from!r}; one of {", ".join(LAYERS)}')
-        self.train_from = train_from  # where the forward pass starts building a graph
 
     def freeze_below_train_from(self):
         """Stop the optimizer from touching the layers below `train_from` (weight decay included).
 
         Call it after optimizer.setup(model): update rules, which carry the switch, exist only from then on.
         """
-        first = LAYERS.index(self.train_from)
-        for i, name in enumerate(LAYERS):
+        for name in LAYERS:
             link = getattr(self, name)
-            (link.enable_update if i >= first else link.disable_update)()
+            (link.enable_update if self.learns(name) else link.disable_update)()
 
     def fc7_features(self, x):
         """relu(fc7): the 1024-d feature saved for the LSTM."""
-        if self.train_from in ('fc7', 'fc8'):
-            with chainer.no_backprop_mode():  # frozen layers below: no graph, no gradients to compute
-                h = self.fc6_features(x)
-        elif self.train_from == 'fc6':
-            with chainer.no_backprop_mode():
-                h = self.pool5(x)
-            h = F.relu(self.fc6(h))
-        else:  # the frozen convolutions below train_from run without a graph
-            h = self.fc6_features(x, graph_from=self.train_from)
-        h = F.relu(self.fc7(F.dropout(h, self.dropout)))
-        if self.train_from == 'fc8':
-            h = h.array
-        return h
+        h = self.fc6_features(x)
+        with graph_if(self.learns('fc7')):
+            return F.relu(self.fc7(F.dropout(h, self.dropout)))
 
     def forward(self, x, t):
         y = self.fc8(F.dropout(self.fc7_features(x), self.dropout))
