@@ -91,7 +91,11 @@ def host_checks():
 
 def hdf5_locking_check():
     import h5py
-    folder = tempfile.mkdtemp(prefix='.doctor_', dir='.')
+    try:
+        folder = tempfile.mkdtemp(prefix='.doctor_', dir='.')
+    except OSError as e:
+        return Check('HDF5 files here', 'FAIL', f'cannot write in {os.getcwd()} ({e.strerror})',
+                     'run the pipeline from a folder you can write to (scratch)')
     try:
         with h5py.File(os.path.join(folder, 'probe.hdf5'), 'w') as f:
             f['x'] = np.zeros(3)

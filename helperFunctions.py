@@ -463,8 +463,13 @@ def code_version():
             digest.update(os.path.basename(path).encode())
             with open(path, 'rb') as f:
                 digest.update(f.read())
-        commit = subprocess.run(['git', '-C', folder, 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                                text=True).stdout.strip() if os.path.isdir(os.path.join(folder, '.git')) else ''
+        commit = ''
+        if os.path.isdir(os.path.join(folder, '.git')):
+            try:
+                commit = subprocess.run(['git', '-C', folder, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                                        text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):  # no git on this node: the digest says it all
+                pass
         _CODE.append(f'py:{digest.hexdigest()[:12]}' + (f' git:{commit}' if commit else ''))
     return _CODE[0]
 

@@ -116,3 +116,11 @@ def test_gpu_step_runs_device_generic_code():
     assert [c.name for c in checks] == ['GPU vs CPU, VGG16 step', 'GPU extraction speed', 'GPU fine-tuning speed',
                                         'GPU memory used']
     assert all(c.verdict == 'ok' for c in checks) and 'relative difference 0.0e+00' in checks[0].detail
+
+
+def test_unwritable_folder_is_a_failing_line(monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(doctor.tempfile, 'mkdtemp', refuse)
+    check = doctor.hdf5_locking_check()
+    assert check.verdict == 'FAIL' and 'cannot write in' in check.detail and 'scratch' in check.fix

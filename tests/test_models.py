@@ -185,3 +185,12 @@ def test_vgg16_full_size_shapes():
 def test_insize_must_divide_by_32():
     with pytest.raises(ValueError, match='multiple of 32'):
         VGGNet.VGGNet(100)
+
+
+def test_code_version_without_git(monkeypatch):
+    """A cluster node without git: the code is still identified, by the digest of its files."""
+    import helperFunctions
+    monkeypatch.setattr(helperFunctions, '_CODE', [])
+    monkeypatch.setenv('PATH', '/nonexistent')
+    version = helperFunctions.code_version()
+    assert version.startswith('py:') and 'git:' not in version
