@@ -16,8 +16,8 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score
 
-from helperFunctions import (DataError, HelpFormatter, atomic_path, describe_extraction, exit_on_user_error,
-                             extraction_of, make_provenance, parse_provenance, provenance_text, warn)
+from helperFunctions import (DataError, HelpFormatter, atomic_path, exit_on_user_error, make_provenance,
+                             parse_provenance, provenance_text, same_extraction, warn)
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -100,14 +100,11 @@ def load_results(path):
         return {k: f[k] for k in f.files}
 
 
-def same_extraction(single, lstm, single_path, lstm_path):
-    """The two results' provenance records; DataError when their inputs came from different extractions (another
-    model or split), which would make the comparison meaningless."""
+def results_provenance(single, lstm, single_path, lstm_path):
+    """The two results' provenance records; DataError when their inputs came from different extractions."""
     sources = [parse_provenance(r['provenance'][()] if 'provenance' in r else None) for r in (single, lstm)]
-    a, b = (extraction_of(s) for s in sources)
-    if a and b and a.get('tag') != b.get('tag'):
-        raise DataError(f'{single_path} scores {describe_extraction(a)} but {lstm_path} {describe_extraction(b)}: '
-                        'compare results of one extraction (rerun singleFrameAccuracy.py or rnn.py on it)')
+    a, b = same_extraction(*sources, single_path, lstm_path,
+                           'compare results of one extraction (rerun singleFrameAccuracy.py or rnn.py on it)')
     if not (a and b):
         warn('a results file records no extraction (written by an older version): cannot check that both '
              'models saw the same features')
@@ -219,7 +216,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with exit_on_user_error():
         single, lstm = load_results(args.single), load_results(args.lstm)
-        sources = same_extraction(single, lstm, args.single, args.lstm)
+        sources = results_provenance(single, lstm, args.single, args.lstm)
         os.makedirs(args.out, exist_ok=True)
         with atomic_path(os.path.join(args.out, 'provenance.json')) as tmp, open(tmp, 'w') as f:
             f.write(provenance_text(make_provenance('confusion.py', single_frame=sources[0], lstm=sources[1])))

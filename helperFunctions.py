@@ -520,6 +520,16 @@ def extraction_of(record):
     return None
 
 
+def same_extraction(first, second, first_path, second_path, advice):
+    """The extraction records two inputs descend from; DataError when both are recorded and differ (another model,
+    split or preprocessing), which would make using them together meaningless."""
+    a, b = extraction_of(first), extraction_of(second)
+    if a and b and a.get('tag') != b.get('tag'):
+        raise DataError(f'{first_path} comes from {describe_extraction(a)} but {second_path} from '
+                        f'{describe_extraction(b)}; {advice}')
+    return a, b
+
+
 def describe_extraction(record):
     if not record:
         return 'no recorded extraction (written before provenance was recorded)'
@@ -539,10 +549,12 @@ class ExtractionManifest:
     a kill) is never taken for this extraction's. Checking costs a stat per file, no reading of features.
     """
 
+    KINDS = ('features', 'predictions')  # the two files of a clip, in the order of paths() and of a line's stamps
+
     def __init__(self, features_dir, predictions_dir):
         self.features_dir, self.predictions_dir = features_dir, predictions_dir
         self.folder = os.path.join(features_dir, '.extractions')
-        self._entries, self._log = None, None
+        self._entries, self._log, self._tag = None, None, None
 
     def paths(self, clip_path):
         stem = clip_stem(clip_path) + '.npy'
@@ -582,10 +594,10 @@ class ExtractionManifest:
                             self._entries.setdefault(parts[0], {})[tag] = '\t'.join(parts[1:])
         return self._entries
 
-    def tag_of(self, clip_path, kinds=('features', 'predictions')):
+    def tag_of(self, clip_path, kinds=KINDS):
         """The extraction whose files (of these kinds) are in place for this clip now, or None."""
         current = self._stamps(clip_path)
-        wanted = [i for i, kind in enumerate(('features', 'predictions')) if kind in kinds]
+        wanted = [i for i, kind in enumerate(self.KINDS) if kind in kinds]
         for tag, recorded in self.entries().get(clip_path, {}).items():
             fields = recorded.split('\t')
             if all(current[i] is not None and current[i] == '\t'.join(fields[2 * i:2 * i + 2]) for i in wanted):

@@ -15,8 +15,8 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, describe_extraction, ensure_space,
-                             exit_on_user_error, extraction_of, make_provenance, provenance_text, warn)
+from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, ensure_space, exit_on_user_error,
+                             make_provenance, provenance_text, same_extraction, warn)
 from packed_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
 
 
@@ -83,10 +83,8 @@ def main(argv=None):
         if train['dim'] != test['dim']:
             raise DataError(f'{args.train} has {train["dim"]}-d features but {args.test} {test["dim"]}-d')
         sources = {path: file_provenance(path, header) for path, header in ((args.train, train), (args.test, test))}
-        extractions = [extraction_of(record) for record in sources.values()]
-        if all(extractions) and extractions[0].get('tag') != extractions[1].get('tag'):
-            raise DataError(f'{args.train} comes from {describe_extraction(extractions[0])} but {args.test} from '
-                            f'{describe_extraction(extractions[1])}; pack both from one extraction (save_hdf5.py)')
+        same_extraction(sources[args.train], sources[args.test], args.train, args.test,
+                        'pack both from one extraction (save_hdf5.py)')
         mean, std, count, train_clips = feature_statistics(args.train, train['clips'])
         test_clips = test['clips']
         constant = std < 1e-6

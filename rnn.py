@@ -33,10 +33,9 @@ from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import (DataError, HelpFormatter, RunRecord, add_device_flag, add_resume_flag, atomic_path,
-                             describe_extraction, exit_on_user_error, extraction_of, fraction, make_provenance,
-                             nonnegative_float, nonnegative_int, positive_float, positive_int, provenance_text,
-                             rate_eta_extension, repeatSequence, resume_trainer, stop_on_divergence, usable_cpus,
-                             use_device)
+                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, provenance_text, rate_eta_extension, repeatSequence,
+                             resume_trainer, same_extraction, stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -477,14 +476,6 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
 
 
 
-def same_extraction(train, test, train_path, test_path):
-    """Refuse training and test features that came from different extractions (another model or split)."""
-    a, b = extraction_of(train), extraction_of(test)
-    if a and b and a.get('tag') != b.get('tag'):
-        raise DataError(f'{train_path} comes from {describe_extraction(a)} but {test_path} from '
-                        f'{describe_extraction(b)}; pack and normalise both from one extraction')
-
-
 class LeanAdamRule(chainer.optimizers.adam.AdamRule):
     """Chainer's Adam step on the CPU, the same arithmetic in the same order (bit-identical), in 12 passes over one
     scratch array instead of ~16 with a temporary each: about twice as fast on the LSTM's 3.5 M parameters."""
@@ -569,7 +560,8 @@ def make_trainer(args):
     test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
     if train.classes != test.classes or train.dim != test.dim:
         raise DataError(f'{args.train} and {args.test} differ in classes or feature size')
-    same_extraction(train.provenance, test.provenance, args.train, args.test)
+    same_extraction(train.provenance, test.provenance, args.train, args.test,
+                    'pack and normalise both from one extraction')
     np.random.seed(args.seed)
     model = RNN(train.dim, args.hidden, args.lstm_layers, args.fc, len(train.classes), args.dropout, args.batchnorm)
     device = use_device(model, args.device)
