@@ -145,6 +145,91 @@ def test_each_chunk_update_is_its_own_chunks_mean():
     assert len(seen) == 2 and np.allclose(seen[0], reference.out.b.grad, rtol=1e-5, atol=1e-7)
 
 
+def reference_lstm(model, x, state=None):
+    """The same network built from Chainer's own pieces, one F.lstm step at a time (the arithmetic LSTMChunk
+    must reproduce): x (batch, time, n_in) -> scores (batch, time, classes) and the final state of each layer."""
+    batch, steps = x.shape[:2]
+    state = list(state or [(None, None)] * model.n_layers)
+    h_seq = [x[:, t] for t in range(steps)]
+    for layer in range(model.n_layers):
+        c, h = state[layer]
+        outputs = []
+        for t in range(steps):
+            z = model.upward[layer](h_seq[t])
+            if h is not None:
+                z = z + model.lateral[layer](h)
+            c, h = F.lstm(c if c is not None else np.zeros((batch, model.n_hidden), np.float32), z)
+            outputs.append(h)
+        state[layer] = (c, h)
+        h_seq = outputs
+    h = F.reshape(F.stack(h_seq, axis=1), (batch * steps, model.n_hidden))
+    return F.reshape(model.out(F.sigmoid(model.fc(h))), (batch, steps, -1)), state
+
+
+@pytest.mark.parametrize('layers, steps', [(1, 7), (2, 5)])
+def test_lstm_chunk_is_chainer_lstm_step_by_step(layers, steps):
+    """LSTMChunk against F.lstm: the outputs, the carried state and every gradient (parameters, input, incoming
+    state), at the handout's gate order, with a state carried in from a previous chunk and saturated gates."""
+    rng = np.random.RandomState(layers)
+    model = rnn.RNN(12, 16, layers, 10, 5)
+    for p in model.params():
+        p.array[...] = rng.normal(0, 0.6, p.shape)  # large weights: some gates saturate (exp over/underflows)
+    x = rng.normal(0, 2, (4, steps, 12)).astype(np.float32)
+    x[0, 0, :] = 40  # drives the first clip's gates to 0 and 1 exactly
+    state = [(chainer.Variable(rng.normal(size=(4, 16)).astype(np.float32)),
+              chainer.Variable(rng.normal(size=(4, 16)).astype(np.float32))) for _ in range(layers)]
+    probe = rng.normal(size=(4, steps, 5)).astype(np.float32)
+    results = []
+    for run in ('chunk', 'reference'):
+        copy = model.copy(mode='copy')
+        xv = chainer.Variable(x.copy())
+        carried = [(chainer.Variable(c.array.copy()), chainer.Variable(h.array.copy())) for c, h in state]
+        if run == 'chunk':
+            copy.state = list(carried)
+            y, final = copy(xv), copy.state
+        else:
+            y, final = reference_lstm(copy, xv, carried)
+        loss = F.sum(y * probe) + sum(F.sum(c * c) + F.sum(h) for c, h in final)
+        copy.cleargrads()
+        loss.backward()
+        grads = {name: p.grad.copy() for name, p in copy.namedparams()}
+        grads['x'] = xv.grad
+        for k, (c, h) in enumerate(carried):
+            grads[f'c{k}'], grads[f'h{k}'] = c.grad, h.grad
+        results.append((y.array, [(c.array, h.array) for c, h in final], grads))
+    (y, final, grads), (want_y, want_final, want_grads) = results
+    assert np.allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    for (c, h), (want_c, want_h) in zip(final, want_final):
+        assert np.allclose(c, want_c, rtol=1e-5, atol=1e-6) and np.allclose(h, want_h, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        scale = np.abs(want_grads[name]).max()
+        assert np.allclose(grads[name], want_grads[name], rtol=1e-4, atol=1e-5 * scale), name
+
+
+def test_lean_adam_is_chainers_adam_bit_for_bit():
+    """LeanAdam (cache-sized blocks, side by side on the CPUs) against chainer.optimizers.Adam: the same
+    parameters, bit for bit, after several updates of parameters large and small."""
+    rng = np.random.RandomState(0)
+    shapes = [(300, 700), (700,), (3, 5), (1,)]
+    start = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(size=s).astype(np.float32) * 10 ** rng.uniform(-4, 1) for s in shapes] for _ in range(4)]
+    finals = []
+    for optimizer in (rnn.LeanAdam(alpha=1e-3), chainer.optimizers.Adam(alpha=1e-3)):
+        model = chainer.ChainList(*[chainer.Link() for _ in shapes])
+        for link, s in zip(model, start):
+            with link.init_scope():
+                link.p = chainer.Parameter(s.copy())
+        optimizer.setup(model)
+        for step in grads:
+            for link, g in zip(model, step):
+                link.p.grad = g.copy()
+            optimizer.update()
+        finals.append([link.p.array.copy() for link in model])
+    for lean, stock in zip(*finals):
+        assert np.array_equal(lean, stock)
+
+
 def test_batched_inference_equals_one_clip_at_a_time(features):
     clips = rnn.ClipFeatures(str(features / 'test.hdf5'), 'test')
     np.random.seed(0)
