@@ -195,27 +195,47 @@ class LSTMLayer(chainer.FunctionNode):
     asked for (a first layer's input is data).
     """
 
-    def forward(self, inputs):
-        x, w_in, b, w_lateral, c0, h0 = inputs
+    def __init__(self, projected=False):
+        super().__init__()
+        self.projected = projected
+
+    @staticmethod
+    def project(x, w_in, b, out=None):
+        """The input projection of rows x (N, n_in): (N, 4 hidden) in the layout the steps start from (gate-major,
+        and on the CPU with the factors of EXP_SCALE)."""
         xp = chainer.backend.get_array_module(x)
-        steps, batch, n_in = x.shape
-        n = w_lateral.shape[1]
         scale = EXP_SCALE if xp is np else None
-        # Each step's input beside its previous output, (steps x batch, n_in + hidden): the backward pass gets both
-        # weights' gradients from one matrix product (the outputs are copied in then).
-        self.inputs_and_outputs = xp.empty((steps * batch, n_in + n), np.float32)
-        x_flat = self.inputs_and_outputs[:, :n_in]
-        x_flat.reshape(steps, batch, n_in)[...] = x
-        self.w_in, self.w_lateral = w_in, w_lateral
-        gates = xp.empty((steps, batch, 4 * n), np.float32)  # the activated gates of every step end up in it
-        xp.matmul(x_flat, gate_major_rows(w_in, scale).T, out=gates.reshape(steps * batch, -1))
-        gates += gate_major(b, scale)
+        out = xp.matmul(x, gate_major_rows(w_in, scale).T, out=out)
+        out += gate_major(b, scale)
+        return out
+
+    def forward(self, inputs):
+        """Inputs (x, w_in, b, w_lateral, c0, h0); with projected=True (inference only), (gates, w_lateral, c0,
+        h0) instead, the gates time-major from project() (consumed: the steps overwrite them)."""
+        if self.projected:
+            gates, w_lateral, c0, h0 = inputs
+            xp = chainer.backend.get_array_module(gates)
+        else:
+            x, w_in, b, w_lateral, c0, h0 = inputs
+            xp = chainer.backend.get_array_module(x)
+            steps, batch, n_in = x.shape
+            n = w_lateral.shape[1]
+            # Each step's input beside its previous output, (steps x batch, n_in + hidden): the backward pass gets
+            # both weights' gradients from one matrix product (the outputs are copied in then).
+            self.inputs_and_outputs = xp.empty((steps * batch, n_in + n), np.float32)
+            x_flat = self.inputs_and_outputs[:, :n_in]
+            x_flat.reshape(steps, batch, n_in)[...] = x
+            self.w_in, self.w_lateral = w_in, w_lateral
+            gates = xp.empty((steps, batch, 4 * n), np.float32)  # the activated gates of every step end up in it
+            self.project(x_flat, w_in, b, out=gates.reshape(steps * batch, -1))
+        steps, batch, width = gates.shape
+        n = width // 4
         self.h = xp.empty((steps + 1, batch, n), np.float32)
         self.c = xp.empty((steps + 1, batch, n), np.float32)
         self.tanh_c = xp.empty((steps, batch, n), np.float32)
         self.h[0], self.c[0] = h0, c0
         if xp is np:
-            self._steps_by_exp(gates, gate_major_rows(w_lateral, scale).T)
+            self._steps_by_exp(gates, gate_major_rows(w_lateral, EXP_SCALE).T)
         else:
             self._steps(gates, gate_major_rows(w_lateral).T, xp)
         self.gates = gates
@@ -260,6 +280,8 @@ class LSTMLayer(chainer.FunctionNode):
             self.h[t + 1] = o * self.tanh_c[t]
 
     def backward(self, indexes, grad_outputs):
+        if self.projected:
+            raise RuntimeError('LSTMLayer(projected=True) is for inference only')
         w_in, w_lateral, gates, tanh_c = self.w_in, self.w_lateral, self.gates, self.tanh_c
         xp = chainer.backend.get_array_module(gates)
         grad_seq, grad_c, grad_h = (None if g is None else g.array for g in grad_outputs)
@@ -374,17 +396,25 @@ class RNN(chainer.Chain):
     def reset_state(self):
         self.state = [(None, None)] * self.n_layers
 
-    def forward(self, x):
-        """x: (batch, time, n_in) -> class scores (batch, time, n_classes)."""
-        batch, steps = x.shape[:2]
-        h_seq = F.transpose(x, (1, 0, 2))  # time-major inside: each step's rows are contiguous
+    def forward(self, x, projected=None):
+        """x: (batch, time, n_in) -> class scores (batch, time, n_classes). In inference, `projected` instead of x:
+        the first layer's input projections, time-major (time, batch, 4 hidden) as project_frames() gives them
+        (consumed), so that a frame seen by several sequences (segments, techniques) is projected once."""
+        if projected is None:
+            batch, steps = x.shape[:2]
+            h_seq = F.transpose(x, (1, 0, 2))  # time-major inside: each step's rows are contiguous
+        else:
+            steps, batch = projected.shape[:2]
         for layer in range(self.n_layers):
-            inputs = F.dropout(h_seq, self.dropout) if self.dropout else h_seq
             c, h = self.state[layer]
             if c is None:
                 c = h = self.xp.zeros((batch, self.n_hidden), np.float32)
-            h_seq, c, h = LSTMLayer().apply((inputs, self.upward[layer].W, self.upward[layer].b,
-                                             self.lateral[layer].W, c, h))
+            if layer == 0 and projected is not None:
+                h_seq, c, h = LSTMLayer(projected=True).apply((projected, self.lateral[0].W, c, h))
+            else:
+                inputs = F.dropout(h_seq, self.dropout) if self.dropout else h_seq
+                h_seq, c, h = LSTMLayer().apply((inputs, self.upward[layer].W, self.upward[layer].b,
+                                                 self.lateral[layer].W, c, h))
             self.state[layer] = (c, h)
         h = F.reshape(h_seq, (steps * batch, self.n_hidden))
         if self.dropout:
@@ -393,6 +423,11 @@ class RNN(chainer.Chain):
             h = self.bn(h)
         y = self.out(ExpSigmoid().apply((self.fc(h),))[0])
         return F.transpose(F.reshape(y, (steps, batch, -1)), (1, 0, 2))
+
+    def project_frames(self, frames):
+        """The first layer's input projection of frames (N, n_in), for forward(projected=...)."""
+        up = self.upward[0]
+        return LSTMLayer.project(self.xp.asarray(frames), up.W.array, up.b.array)
 
 
 class ExpSigmoid(chainer.functions.activation.sigmoid.Sigmoid):
@@ -479,20 +514,29 @@ INFERENCE_CHUNK = 120
 
 
 def step_log_probs(model, sequences, chunk=INFERENCE_CHUNK):
-    """Log softmax at every step of each sequence (list of frames x dims arrays, any lengths), run in one
-    padded batch: the LSTM is causal, so the padding after a clip's end cannot change its earlier steps."""
-    lengths = [len(s) for s in sequences]
-    batch = np.zeros((len(sequences), max(lengths), sequences[0].shape[1]), np.float32)
-    for i, s in enumerate(sequences):
-        batch[i, :len(s)] = s
-    x = model.xp.asarray(batch)
+    """Log softmax at every step of each sequence (list of frames x dims arrays, any lengths)."""
+    return projected_log_probs(model, [(model.project_frames(s), np.arange(len(s))) for s in sequences], chunk)
+
+
+def projected_log_probs(model, sequences, chunk=INFERENCE_CHUNK):
+    """Log softmax at every step of each sequence, run in one padded batch (the LSTM is causal, so the padding
+    after a sequence's end cannot change its earlier steps). A sequence is (projections, rows): the first layer's
+    input projections of a clip's frames (model.project_frames) and the sequence's frames as row numbers into
+    them, so that overlapping segments and padded repeats of a clip share one projection of each frame."""
+    lengths = [len(rows) for _, rows in sequences]
+    width = sequences[0][0].shape[1]
+    xp = model.xp
     model.reset_state()
     outputs = []
     with chainer.using_config('train', False), chainer.no_backprop_mode():
-        for start in range(0, x.shape[1], chunk):
-            outputs.append(chainer.backends.cuda.to_cpu(F.log_softmax(
-                F.reshape(model(x[:, start:start + chunk]), (-1, model.out.W.shape[0]))).array.reshape(
-                    len(sequences), -1, model.out.W.shape[0])))
+        for start in range(0, max(lengths), chunk):
+            end = min(start + chunk, max(lengths))
+            gates = xp.zeros((end - start, len(sequences), width), np.float32)
+            for j, (projections, rows) in enumerate(sequences):
+                rows = rows[start:end]
+                gates[:len(rows), j] = projections[xp.asarray(rows)]
+            y = F.log_softmax(F.reshape(model(None, projected=gates), (-1, model.out.W.shape[0])))
+            outputs.append(chainer.backends.cuda.to_cpu(y.array).reshape(len(sequences), end - start, -1))
     y = np.concatenate(outputs, axis=1)
     return [y[i, :n] for i, n in enumerate(lengths)]
 
@@ -517,18 +561,23 @@ def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
     for b in range(0, len(order), batchsize):
         index = order[b:b + batchsize]
         features = [clips.read(i) for i in index]
+        # every frame of the batch's clips through the first layer's input weights once, in one product
+        projected = model.project_frames(np.concatenate(features))
+        bounds = np.cumsum([0] + [len(x) for x in features])
+        clip_projections = [projected[bounds[k]:bounds[k + 1]] for k in range(len(index))]
         if whole:
-            for i, log_probs in zip(index, step_log_probs(model, features)):
+            sequences = [(p, np.arange(len(p))) for p in clip_projections]
+            for i, log_probs in zip(index, projected_log_probs(model, sequences)):
                 for t in whole:
                     scores[t][i] = clip_score(log_probs, t)
         if 'segments' in techniques:
             pieces, owners = [], []
-            for i, x in zip(index, features):
-                for start in segment_starts(len(x), seqlen, segments):
-                    pieces.append(repeatSequence(x[start:start + seqlen], seqlen))
+            for i, p in zip(index, clip_projections):
+                for start in segment_starts(len(p), seqlen, segments):
+                    pieces.append((p, repeatSequence(np.arange(start, min(start + seqlen, len(p))), seqlen)))
                     owners.append(i)
             owners = np.array(owners)
-            piece_scores = np.stack([p.mean(axis=0) for p in step_log_probs(model, pieces)])
+            piece_scores = np.stack([lp.mean(axis=0) for lp in projected_log_probs(model, pieces)])
             for i in index:
                 scores['segments'][i] = piece_scores[owners == i].mean(axis=0)
     return scores

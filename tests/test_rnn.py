@@ -240,6 +240,9 @@ def test_batched_inference_equals_one_clip_at_a_time(features):
         x = clips.read(i)
         log_probs = rnn.step_log_probs(model, [x])[0]
         assert log_probs.shape == (len(x), 3)
+        with chainer.using_config('train', False):  # the shared-projection path against the training forward
+            model.reset_state()
+            assert np.allclose(log_probs, F.log_softmax(model(x[None])[0]).array, atol=1e-5)
         assert np.allclose(batched['full'][i], log_probs.mean(axis=0), atol=1e-5)
         assert np.allclose(batched['last'][i], log_probs[-1], atol=1e-5)
         w = np.arange(1, len(x) + 1)
