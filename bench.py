@@ -2,6 +2,7 @@
 
     make bench                      # everything (the full-scale packing writes ~25 GB under --work)
     python bench.py --quick         # small packing scale, fewer repetitions
+    python bench.py --only lstm evaluation decoding   # measure these again, keep the other figures
 
 Each figure comes with the reference it is compared to, measured in the same run (the machine may be shared and
 noisy, so only ratios taken together mean much):
@@ -9,10 +10,12 @@ noisy, so only ratios taken together mean much):
   the float32 matrix-multiply rate measured now (VGG16 is ~30.9 GFLOP a frame, so that rate is a ceiling), and
   against the same network in PyTorch when a PyTorch environment can be made (.venv-torch, never a project
   dependency);
-- decoding + preprocessing frames/s against bare decoding (ffmpeg to raw video);
+- decoding + preprocessing frames/s against bare decoding (ffmpeg to raw video) and against preprocess_frame v1
+  (Pillow's resize), with how far the two preprocessings' values are apart;
 - random training-frame samples/s (exact random access), and the extraction pipeline's frames/s against its
   slower stage;
-- LSTM training step at the handout's size (batch 32 x 120 frames x 1024 -> 512), Chainer and PyTorch;
+- LSTM training step at the handout's size (batch 32 x 120 frames x 1024 -> 512), Chainer and PyTorch in
+  alternating rounds; rnn.py's test evaluation against the same without the shared input projection;
 - packing and normalising 13,320 clips of generated features: time and peak memory;
 - converting a caffemodel of VGG_ILSVRC_16_layers.caffemodel's size and layout (553 MB): time, peak memory, and
   whether every weight came through bit for bit.
@@ -118,6 +121,7 @@ with torch.no_grad():
 if part == 'vgg':
     print(json.dumps(result))
     sys.exit()
+# part 'lstm': after one warm-up step, one timed step for every line read, its seconds printed
 lstm, head = nn.LSTM(1024, 512, batch_first=True), nn.Sequential(nn.Linear(512, 512), nn.Sigmoid(), nn.Linear(512, 101))
 params = list(lstm.parameters()) + list(head.parameters())
 opt = torch.optim.Adam(params, 1e-3)
@@ -130,13 +134,15 @@ def step():
         y = head(out.reshape(-1, 512))
         loss = nn.functional.cross_entropy(y, t.repeat_interleave(30))
         opt.zero_grad(); loss.backward(); opt.step()
-result['lstm_step_s'] = best(step)
-print(json.dumps(result))
+step()
+print(json.dumps(result), flush=True)
+for line in sys.stdin:
+    s = time.perf_counter(); step(); print(time.perf_counter() - s, flush=True)
 '''
 
 
 def torch_figures(repeat, part):
-    """PyTorch's figures for 'vgg' (forward) or 'lstm' (training step), or None without PyTorch."""
+    """PyTorch's VGG16 forward figures ('vgg'), or None without PyTorch."""
     python = torch_python()
     if not python:
         return None
@@ -163,12 +169,14 @@ def vgg_figures(r, repeat, rounds, with_torch):
     return torch
 
 
-def lstm_step_seconds(repeat):
+def lstm_step(rnn_module=None):
+    """One training step of rnn.py's LSTM at the handout's size (batch 32 x 120 frames x 1024 -> 512, BPTT 30,
+    Adam as rnn.py trains), as a function; warmed up."""
     import chainer
-    import rnn
+    rnn = rnn_module or __import__('rnn')
     np.random.seed(0)
     model = rnn.RNN(1024, 512, 1, 512, 101)
-    optimizer = rnn.LeanAdam(1e-3)  # what rnn.py trains with
+    optimizer = rnn.LeanAdam(1e-3)
     optimizer.setup(model)
     rng = np.random.RandomState(0)
     data = [(rng.normal(size=(120, 1024)).astype(np.float32), np.int32(i % 101)) for i in range(32)]
@@ -180,27 +188,146 @@ def lstm_step_seconds(repeat):
     def step():
         with reporter.scope({}):
             updater.update()
-    return best_time(step, repeat)
+    step()
+    return step
 
 
-def decoding_figures(folder, repeat):
-    """Bare ffmpeg decoding to raw RGB (the command line) vs decoding + preprocess_frame(224), same clips."""
+def lstm_figures(rounds, with_torch):
+    """The LSTM step in Chainer and the same network in PyTorch (nn.LSTM, Adam), one step each in alternating
+    rounds: the best and median of each, and the median of the per-round ratios (the noise of a shared machine
+    hits both sides of a round alike)."""
+    step = lstm_step()
+    python = torch_python() if with_torch else None
+    peer = None
+    if python:
+        peer = subprocess.Popen([python, '-c', TORCH_CODE, '1', 'lstm'], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        header = json.loads(peer.stdout.readline() or 'null')
+    ours, theirs = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        ours.append(time.perf_counter() - start)
+        if peer:
+            peer.stdin.write('\n')
+            peer.stdin.flush()
+            theirs.append(float(peer.stdout.readline()))
+    result = dict(lstm_step_s=min(ours), lstm_step_median_s=float(np.median(ours)), rounds=rounds)
+    if peer:
+        peer.stdin.close()
+        peer.wait()
+        result.update(torch_lstm_step_s=min(theirs), torch_lstm_step_median_s=float(np.median(theirs)),
+                      torch_version=header['version'], torch_threads=header['threads'],
+                      speed_ratio_median=float(np.median(np.array(theirs) / np.array(ours))))
+    return result
+
+
+class GeneratedClips:
+    """Clips of random 1024-d features with UCF-101's lengths (log-normal around 170 frames, 29-1776), in memory,
+    for timing rnn.evaluate."""
+
+    def __init__(self, count, seed=0):
+        rng = np.random.RandomState(seed)
+        self.sizes = np.clip(rng.lognormal(np.log(170), 0.45, count), 29, 1776).astype(int)
+        self.data = [rng.normal(size=(n, 1024)).astype(np.float32) for n in self.sizes]
+        self.labels = rng.randint(0, 101, count)
+
+    def __len__(self):
+        return len(self.data)
+
+    def read(self, i):
+        return self.data[i]
+
+    def lengths(self):
+        return self.sizes
+
+
+def evaluate_unshared(model, clips, seqlen, segments=5, batchsize=32):
+    """The reference for rnn.evaluate's 'full' and 'segments': every sequence (the clip, each padded segment)
+    through the whole network from its features, as rnn.py did before the first layer's projection was shared."""
+    import rnn
+    from helperFunctions import repeatSequence
+    order = np.argsort(clips.lengths(), kind='stable')
+    scores = {t: np.zeros((len(clips), 101), np.float32) for t in ('full', 'segments')}
+    for b in range(0, len(order), batchsize):
+        index = order[b:b + batchsize]
+        features = [clips.read(i) for i in index]
+        for i, log_probs in zip(index, rnn.step_log_probs(model, features)):
+            scores['full'][i] = log_probs.mean(axis=0)
+        pieces, owners = [], []
+        for i, x in zip(index, features):
+            for start in rnn.segment_starts(len(x), seqlen, segments):
+                pieces.append(repeatSequence(x[start:start + seqlen], seqlen))
+                owners.append(i)
+        piece_scores = np.stack([p.mean(axis=0) for p in rnn.step_log_probs(model, pieces)])
+        for i in index:
+            scores['segments'][i] = piece_scores[np.array(owners) == i].mean(axis=0)
+    return scores
+
+
+def evaluation_figures(count, repeat):
+    """rnn.py's per-epoch test evaluation (full + segments, its defaults) on `count` clips of UCF-101's lengths,
+    against evaluate_unshared; the same scores to float32 rounding. Scaled to the 3,783 test clips of split 1."""
+    import rnn
+    clips = GeneratedClips(count)
+    np.random.seed(0)
+    model = rnn.RNN(1024, 512, 1, 512, 101)
+    shared = best_time(lambda: rnn.evaluate(model, clips, ['full', 'segments'], 120), repeat)
+    unshared = best_time(lambda: evaluate_unshared(model, clips, 120), repeat)
+    a, b = rnn.evaluate(model, clips, ['full', 'segments'], 120), evaluate_unshared(model, clips, 120)
+    return dict(clips=count, frames=int(clips.sizes.sum()), seconds=shared, unshared_seconds=unshared,
+                split1_test_seconds=shared * 3783 / count,
+                max_abs_difference=float(max(np.abs(a[t] - b[t]).max() for t in a)))
+
+
+def preprocess_v1(frame, size):
+    """preprocess_frame v1, the reference: RGB frame -> Pillow's bilinear resize -> BGR minus the mean."""
+    from PIL import Image
+    from helperFunctions import MEAN_BGR
+    pixels = np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
+    x = np.empty((3, size, size), np.float32)
+    for channel in range(3):
+        np.subtract(pixels[:, :, 2 - channel], MEAN_BGR[channel], out=x[channel], dtype=np.float32)
+    return x
+
+
+def decoding_figures(folder, rounds):
+    """Frames/s of bare decoding (ffmpeg's command line to raw RGB), of extraction's decoding + preprocessing to
+    224x224 (the decoder's frames through preprocess_frame into a batch), and of the same with v1's
+    preprocessing, in alternating rounds on the same clips; and how far v2's values are from v1's."""
     import imageio_ffmpeg
     import helperFunctions as hf
     clips = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith('.avi'))[:12]
     frames = sum(hf.video_info(c).frames for c in clips)
+    batch = np.empty((32, 3, 224, 224), np.float32)
 
     def bare():
         for c in clips:
             subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), '-v', 'error', '-nostdin', '-i', c, '-f', 'rawvideo',
-                            '-pix_fmt', 'rgb24',
-                            '-'], stdout=subprocess.DEVNULL, check=True)
+                            '-pix_fmt', 'rgb24', '-'], stdout=subprocess.DEVNULL, check=True)
 
-    def with_preprocessing():
+    def v2():
         for c in clips:
-            for frame in hf.iter_frames(c):
-                hf.preprocess_frame(frame, 224)
-    return frames / best_time(bare, repeat), frames / best_time(with_preprocessing, repeat)
+            for k, frame in enumerate(hf.iter_video_frames(c)):
+                hf.preprocess_frame(frame, 224, out=batch[k % len(batch)])
+
+    def v1():
+        for c in clips:
+            for k, frame in enumerate(hf.iter_frames(c)):
+                batch[k % len(batch)] = preprocess_v1(frame, 224)
+    times = {name: [] for name in ('bare', 'v2', 'v1')}
+    for _ in range(rounds):
+        for name, run in (('bare', bare), ('v2', v2), ('v1', v1)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    differences = np.concatenate([np.abs(hf.preprocess_frame(f, 224) - preprocess_v1(hf._rgb(f), 224)).ravel()
+                                  for c in clips[:3] for f in hf.iter_video_frames(c)])
+    return dict(frames=frames, bare_fps=frames / min(times['bare']), v2_fps=frames / min(times['v2']),
+                v1_fps=frames / min(times['v1']),
+                v2_of_bare_median=float(np.median(np.array(times['bare']) / np.array(times['v2']))),
+                v2_v1_mean_abs=float(differences.mean()), v2_v1_max_abs=float(differences.max()),
+                v2_v1_share_differing=float((differences > 0).mean()))
 
 
 def sampling_rate(folder, lists, samples):
@@ -368,45 +495,55 @@ def main(argv=None):
     p.add_argument('--lists', default=os.path.join(HERE, '..', 'shared', 'ucfTrainTestlist'),
                    help="the real split files, whose 13,320 clip names the full-scale packing uses (default: "
                         "%(default)s; generated names where absent)")
-    p.add_argument('--packing-only', action='store_true',
-                   help='measure the packing again and update the existing results')
+    p.add_argument('--only', nargs='+', choices=('decoding', 'lstm', 'evaluation', 'packing'),
+                   help='measure these again and update the existing results (bench/results.json)')
+    p.add_argument('--packing-only', action='store_true', help='the same as --only packing')
     args = p.parse_args(argv)
-    if args.packing_only:
+    repeat = 2 if args.quick else 3
+    rounds = 3 if args.quick else 8
+    work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
+    only = set(args.only or []) | ({'packing'} if args.packing_only else set())
+    if only:
         with open(os.path.join(args.out, 'results.json')) as f:
             r = json.load(f)
-        work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        r = {}
+    r['machine'] = dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
+                        python=platform.python_version())
+    if only - {'packing', 'lstm', 'evaluation'} or not only:
+        import synthetic_ucf101
+        if not os.path.isdir(os.path.join(work, 'UCF-101')):
+            synthetic_ucf101.make_dataset(work, n_classes=8, frames=(60, 200), clips_per_group=(1, 1))
+    if not only:
+        print('matrix multiply ...', file=sys.stderr, flush=True)
+        r['sgemm_gflops'] = sgemm_gflops(repeat)
+        print('VGG16 forward, Chainer and PyTorch ...', file=sys.stderr, flush=True)
+        r['torch'] = vgg_figures(r, repeat, 2 if args.quick else 3, not args.no_torch)
+        r['vgg_ceiling_fps'] = r['sgemm_gflops'] / VGG16_GFLOP
+        for conv in ('stock', 'fast'):
+            r[f'finetune_{conv}_step_s_b8'] = finetune_step_seconds(conv, 8, repeat)
+    if not only or 'decoding' in only:
+        print('decoding ...', file=sys.stderr, flush=True)
+        r['decoding'] = decoding_figures(os.path.join(work, 'UCF-101'), rounds)
+    if not only:
+        r['sample_cold_per_s'], r['sample_warm_per_s'] = sampling_rate(
+            os.path.join(work, 'UCF-101'), os.path.join(work, 'ucfTrainTestlist'), 60 if args.quick else 200)
+        print('extraction ...', file=sys.stderr, flush=True)
+        r['extract_fast_fps'] = extraction_figures(work, 'fast')
+        r['extract_stock_fps'] = extraction_figures(work, 'stock')
+    if not only or 'lstm' in only:
+        print('LSTM, Chainer and PyTorch ...', file=sys.stderr, flush=True)
+        r['lstm'] = lstm_figures(rounds, not args.no_torch)
+    if not only or 'evaluation' in only:
+        print('LSTM evaluation ...', file=sys.stderr, flush=True)
+        r['evaluation'] = evaluation_figures(64 if args.quick else 256, repeat)
+    if not only or 'packing' in only:
+        print('packing ...', file=sys.stderr, flush=True)
         r['packing'] = packing_figures(work, 'small' if args.quick else 'full', args.lists)
-        return write_results(args.out, r)
-    repeat = 2 if args.quick else 3
-    work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
-    os.makedirs(args.out, exist_ok=True)
-    import synthetic_ucf101
-    if not os.path.isdir(os.path.join(work, 'UCF-101')):
-        synthetic_ucf101.make_dataset(work, n_classes=8, frames=(60, 200), clips_per_group=(1, 1))
-    r = {'machine': dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
-                         python=platform.python_version())}
-    print('matrix multiply ...', file=sys.stderr, flush=True)
-    r['sgemm_gflops'] = sgemm_gflops(repeat)
-    print('VGG16 forward, Chainer and PyTorch ...', file=sys.stderr, flush=True)
-    r['torch'] = vgg_figures(r, repeat, 2 if args.quick else 3, not args.no_torch)
-    r['vgg_ceiling_fps'] = r['sgemm_gflops'] / VGG16_GFLOP
-    for conv in ('stock', 'fast'):
-        r[f'finetune_{conv}_step_s_b8'] = finetune_step_seconds(conv, 8, repeat)
-    print('decoding ...', file=sys.stderr, flush=True)
-    r['decode_bare_fps'], r['decode_preprocess_fps'] = decoding_figures(os.path.join(work, 'UCF-101'), repeat)
-    r['sample_cold_per_s'], r['sample_warm_per_s'] = sampling_rate(
-        os.path.join(work, 'UCF-101'), os.path.join(work, 'ucfTrainTestlist'), 60 if args.quick else 200)
-    print('extraction ...', file=sys.stderr, flush=True)
-    r['extract_fast_fps'] = extraction_figures(work, 'fast')
-    r['extract_stock_fps'] = extraction_figures(work, 'stock')
-    print('LSTM ...', file=sys.stderr, flush=True)
-    r['lstm_step_s'] = lstm_step_seconds(repeat)
-    if r['torch'] and 'error' not in r['torch']:
-        r['torch'].update(torch_figures(repeat, 'lstm') or {})
-    print('packing ...', file=sys.stderr, flush=True)
-    r['packing'] = packing_figures(work, 'small' if args.quick else 'full', args.lists)
-    print('caffemodel conversion (553 MB) ...', file=sys.stderr, flush=True)
-    r['caffemodel'] = caffemodel_figures(work)
+    if not only:
+        print('caffemodel conversion (553 MB) ...', file=sys.stderr, flush=True)
+        r['caffemodel'] = caffemodel_figures(work)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return write_results(args.out, r)
@@ -439,20 +576,34 @@ def report(r):
                      f'{8 / step:.2f} frames/s; the handout\'s batch of 36 takes about {36 * step / 8:.0f} s', ''))
     rows.append(('fast conv vs stock (best batch)', f'{best / max(r["vgg_stock_fps_b1"], r["vgg_stock_fps_b8"]):.2f}x',
                  'same function, float32 rounding', ''))
-    rows.append(('decoding + preprocessing to 224', f'{r["decode_preprocess_fps"]:.0f} frames/s',
-                 f'{r["decode_preprocess_fps"] / r["decode_bare_fps"]:.2f} of bare ffmpeg decoding '
-                 f'({r["decode_bare_fps"]:.0f})', ''))
+    dc = r['decoding']
+    rows.append(('decoding + preprocessing to 224 (v2: FFmpeg\'s scaler)', f'{dc["v2_fps"]:.0f} frames/s',
+                 f'{dc["v2_fps"] / dc["bare_fps"]:.2f} of bare ffmpeg decoding ({dc["bare_fps"]:.0f}; median of '
+                 f'rounds {dc["v2_of_bare_median"]:.2f}); {dc["v2_fps"] / dc["v1_fps"]:.2f}x v1', ''))
+    rows.append(('decoding + preprocessing to 224 (v1: Pillow resize)', f'{dc["v1_fps"]:.0f} frames/s',
+                 f'{dc["v1_fps"] / dc["bare_fps"]:.2f} of bare ffmpeg decoding; v2 differs from it by '
+                 f'{dc["v2_v1_mean_abs"]:.3f} on average, at most {dc["v2_v1_max_abs"]:.0f} '
+                 f'({dc["v2_v1_share_differing"]:.0%} of the values)', ''))
     rows.append(('random training frame + preprocessing, first visit', f'{r["sample_cold_per_s"]:.1f} samples/s',
                  'one probe of the packets + one exact read per sample, one process', ''))
     rows.append(('random training frame + preprocessing, probe cached', f'{r["sample_warm_per_s"]:.1f} samples/s',
                  'AVI: decoded from the start to the frame, converting only it', ''))
-    slower = min(r['decode_preprocess_fps'], r['vgg_fast_fps_b8'])
+    slower = min(dc['v2_fps'], r['vgg_fast_fps_b8'])
     rows.append(('extraction pipeline (fast conv, batch 8)', f'{r["extract_fast_fps"]:.2f} frames/s',
                  f'{r["extract_fast_fps"] / slower:.2f} of its slower stage ({slower:.2f})', ''))
     rows.append(('extraction pipeline (stock conv, batch 8)', f'{r["extract_stock_fps"]:.2f} frames/s', '', ''))
-    peer = t.get('lstm_step_s')
-    rows.append(('LSTM step, 32 x 120 x 1024 -> 512, BPTT 30', f'{r["lstm_step_s"]:.2f} s',
-                 '', f'{r["lstm_step_s"] / peer:.2f}x PyTorch time ({peer:.2f} s)' if peer else ''))
+    ls = r['lstm']
+    peer = (f'{ls["torch_lstm_step_s"] / ls["lstm_step_s"]:.2f}x PyTorch\'s speed ({ls["torch_lstm_step_s"]:.2f} s; '
+            f'median of {ls["rounds"]} alternating rounds {ls["speed_ratio_median"]:.2f}x)'
+            if 'torch_lstm_step_s' in ls else '')
+    rows.append(('LSTM training step, 32 x 120 x 1024 -> 512, BPTT 30, Adam', f'{ls["lstm_step_s"]:.2f} s',
+                 f'median {ls["lstm_step_median_s"]:.2f} s', peer))
+    ev = r.get('evaluation')
+    if ev:
+        rows.append((f'LSTM test evaluation, full + segments, {ev["clips"]} clips of UCF-101 lengths',
+                     f'{ev["seconds"]:.1f} s', f'{ev["unshared_seconds"] / ev["seconds"]:.2f}x faster than without '
+                     f'the shared projection (same scores to {ev["max_abs_difference"]:.0e}); split 1\'s 3,783 test '
+                     f'clips: ~{ev["split1_test_seconds"]:.0f} s an epoch', ''))
     pk = r['packing']
     for script in ('save_hdf5.py', 'normalizeData.py'):
         copy = (f'{pk[script]["seconds"] / pk["copy_s"]:.2f}x the time of `cp -r` of the features '
@@ -463,9 +614,9 @@ def report(r):
     if cm:
         rows.append((f'VGGNet.py --from-caffemodel, {cm["megabytes"]} MB (the real file\'s layout)',
                      f'{cm["seconds"]} s', f'peak memory {cm["peak_mb"]} MB; bit-exact: {cm["exact"]}', ''))
+    version = t.get('version') or ls.get('torch_version')
     lines = [f'Benchmarks on {r["machine"]["cpus"]} CPUs ({r["machine"]["processor"]}), Python '
-             f'{r["machine"]["python"]}' + (f', PyTorch {t["version"]} ({t["threads"]} threads)' if t.get('version')
-                                            else ', no PyTorch peer'), '',
+             f'{r["machine"]["python"]}' + (f', PyTorch {version}' if version else ', no PyTorch peer'), '',
              '| measure | value | against | peer |', '|---|---|---|---|']
     lines += [f'| {a} | {b} | {c} | {d} |' for a, b, c, d in rows]
     return '\n'.join(lines) + '\n'

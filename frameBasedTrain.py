@@ -23,10 +23,10 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import (DataError, NO_AUGMENTATION, HelpFormatter, Progress, RunRecord, VideoError,
                              add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk,
-                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_frame, read_frames, read_split, resume_trainer, stop_on_divergence,
-                             usable_cpus, use_device, video_info, warn)
+                             exit_on_user_error, fraction, frame_bytes, make_provenance, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
+                             rate_eta_extension, read_class_index, read_split, read_video_frame, read_video_frames,
+                             resume_trainer, stop_on_divergence, usable_cpus, use_device, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -84,7 +84,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     """Example i: one frame of clip i, preprocessed, and the clip's label.
 
     train=True draws a random frame and random augmentations each time; train=False takes the middle frame
-    unaugmented (a fixed evaluation set). helperFunctions.read_frame returns exactly the frame that sequential
+    unaugmented (a fixed evaluation set). helperFunctions.read_video_frame returns exactly the frame that sequential
     decoding shows at that index, whatever the encoding (B-frames in AVI included). A clip that cannot be read is
     reported once and replaced by another clip of the same class, so one bad file cannot stop a long run.
     """
@@ -94,7 +94,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
         self.class_names = class_names or {c.label: str(c.label) for c in clips}
         self.seed, self.home_pid = seed, os.getpid()
-        self.cache, self.cache_bytes = collections.OrderedDict(), cache_mb << 20
+        self.cache, self.cache_bytes, self.cache_used = collections.OrderedDict(), cache_mb << 20, 0
         self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
         self.by_label = {}
         for i, clip in enumerate(clips):
@@ -119,10 +119,12 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         if i in self.cache:
             self.cache.move_to_end(i)
         else:
-            self.cache[i] = read_frames(path)
-            while sum(f.nbytes for f in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
-                self.cache.popitem(last=False)
-        return self.cache[i]
+            frames = read_video_frames(path)  # as the decoder gives them (YUV 4:2:0: half of RGB's bytes)
+            self.cache[i] = (frames, sum(frame_bytes(f) for f in frames))
+            self.cache_used += self.cache[i][1]
+            while self.cache_used > self.cache_bytes and len(self.cache) > 1:
+                self.cache_used -= self.cache.popitem(last=False)[1][1]
+        return self.cache[i][0]
 
     def frame(self, i):
         path = os.path.join(self.data_root, self.clips[i].path)
@@ -136,8 +138,8 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         # The last frame of a UCF-101 clip is often corrupt: draw from the others.
         last = max(count - 2, 0)
         index = self.rng.randint(0, last + 1) if self.train else last // 2
-        frame = frames[index] if self.cache_bytes else read_frame(path, index, self.info[i])
-        augmentation = (random_augmentation(self.rng, frame.shape[1], frame.shape[0], **self.augment)
+        frame = frames[index] if self.cache_bytes else read_video_frame(path, index, self.info[i])
+        augmentation = (random_augmentation(self.rng, frame.width, frame.height, **self.augment)
                         if self.train else NO_AUGMENTATION)
         return preprocess_frame(frame, self.insize, augmentation)
 

@@ -1,7 +1,7 @@
 """Data layer shared by every step: UCF-101 split lists, video decoding, frame preprocessing, atomic files.
 
-Training (frameBasedTrain.py) and extraction (saveFeatures_1024.py) both call `preprocess_frame`, so the two
-can never disagree about colour order, mean or resizing.
+Training (frameBasedTrain.py) and extraction (saveFeatures_1024.py) both call `preprocess_frame` on the frames
+the decoder gives, so the two can never disagree about colour order, mean or resizing.
 """
 import argparse
 import collections
@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -321,24 +322,40 @@ def _rgb(frame):
     return frame.to_ndarray(format='rgb24')
 
 
-def iter_frames(path):
-    """Decode a clip from its start as HxWx3 uint8 RGB frames: every frame the decoder yields, in order.
+def iter_video_frames(path):
+    """Decode a clip from its start: every frame the decoder yields, in order, as the decoder gives it (an
+    av.VideoFrame in the stream's pixel format, for preprocess_frame; it outlives the file's handle).
 
     A truncated or damaged file yields fewer frames than video_info().frames; callers compare where that
     matters.
     """
     container, stream = _open_video(path)
     with container:
-        for frame in _decode(container, stream):
-            yield _rgb(frame)
+        yield from _decode(container, stream)
+
+
+def iter_frames(path):
+    """iter_video_frames as HxWx3 uint8 RGB arrays (bit for bit what FFmpeg's command line writes as rgb24)."""
+    for frame in iter_video_frames(path):
+        yield _rgb(frame)
+
+
+def read_video_frames(path):
+    """All decodable frames of a clip (av.VideoFrame); VideoError if none decode."""
+    frames = list(iter_video_frames(path))
+    if not frames:
+        raise VideoError(path, 'no frame could be decoded')
+    return frames
 
 
 def read_frames(path):
-    """All decodable frames of a clip as an (N, H, W, 3) uint8 array; VideoError if none decode."""
-    frames = list(iter_frames(path))
-    if not frames:
-        raise VideoError(path, 'no frame could be decoded')
-    return np.stack(frames)
+    """All decodable frames of a clip as an (N, H, W, 3) uint8 RGB array; VideoError if none decode."""
+    return np.stack([_rgb(frame) for frame in read_video_frames(path)])
+
+
+def frame_bytes(frame):
+    """Memory held by a decoded frame."""
+    return sum(plane.buffer_size for plane in frame.planes)
 
 
 def _seek_frame(container, stream, seek, index):
@@ -357,8 +374,8 @@ def _seek_frame(container, stream, seek, index):
     return None
 
 
-def read_frame(path, index, info=None):
-    """Frame `index` of a clip, bit-identical to iter_frames(path)'s frame `index`.
+def read_video_frame(path, index, info=None):
+    """Frame `index` of a clip as the decoder gives it, bit-identical to iter_video_frames(path)'s frame `index`.
 
     The clip is probed once (pass `info` to skip that). An index past the last decodable frame (a header that
     over-states the length) returns the clip's last decodable frame.
@@ -369,7 +386,7 @@ def read_frame(path, index, info=None):
         with container:
             frame = _seek_frame(container, stream, info.seek, index)
             if frame is not None:
-                return _rgb(frame)
+                return frame
     container, stream = _open_video(path)
     with container:
         last = None
@@ -379,7 +396,12 @@ def read_frame(path, index, info=None):
                 break
         if last is None:
             raise VideoError(path, 'no frame could be decoded')
-        return _rgb(last)
+        return last
+
+
+def read_frame(path, index, info=None):
+    """read_video_frame as an HxWx3 uint8 RGB array, bit-identical to iter_frames(path)'s frame `index`."""
+    return _rgb(read_video_frame(path, index, info))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,25 +429,62 @@ def random_augmentation(rng, width, height, flip=True, crop=False, resize=False,
     return Augmentation(bool(flip and rng.rand() < 0.5), box, angle)
 
 
-def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION):
-    """HxWx3 uint8 RGB frame -> 3 x size x size float32, BGR minus the Caffe mean, as VGG16 expects."""
-    image = Image.fromarray(frame)
-    if augmentation.angle:
-        image = image.rotate(augmentation.angle, resample=Image.BILINEAR)
-    if augmentation.crop is not None:
-        image = image.crop(augmentation.crop)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    pixels = np.asarray(image)
-    if augmentation.flip:
-        pixels = pixels[:, ::-1]
-    # channel by channel, straight from the uint8 pixels into the result: about 4x faster than converting the
-    # whole HxWx3 image to float, then reversing, subtracting and transposing it (1.36 against 2.47 ms for the
-    # whole function on a 320x240 frame)
-    x = np.empty((3,) + pixels.shape[:2], np.float32)
-    for channel in range(3):
-        np.subtract(pixels[:, :, 2 - channel], MEAN_BGR[channel], out=x[channel], dtype=np.float32)
-    return x
+def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION, out=None):
+    """A frame -> 3 x size x size float32, BGR minus the Caffe mean, as VGG16 expects (into `out` if given).
+
+    `frame` is what the decoder gives (iter_video_frames, read_video_frame: an av.VideoFrame in the stream's
+    pixel format) or an HxWx3 uint8 RGB array: the result is the same, bit for bit (tested). The frame becomes
+    RGB at its own size exactly as FFmpeg's command line converts it (iter_frames); rotation and crop (training's
+    optional augmentations) are done there with Pillow; FFmpeg's scaler resizes it with its bilinear filter into
+    planes (G, B, R); a flip reverses the columns; the mean is subtracted on the way into the result.
+
+    preprocess_frame v1 resized with Pillow's bilinear filter instead. Both filters are triangles that widen with
+    the reduction; their rounding differs: from UCF-101's 320x240 to 224x224 by at most one grey level, at about
+    one value in ten (tests/test_video.py); at reductions of 2x and more, by a few levels on average near sharp
+    edges. This is 2-3x faster than v1 (bench.py); training and extraction share it, so they still agree.
+    """
+    import av
+    if isinstance(frame, np.ndarray):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format='rgb24')
+    elif frame.format.name != 'rgb24':
+        # exactly _rgb(frame) (FFmpeg's planar GBR output differs in the last columns of frames whose width is
+        # not a multiple of 16)
+        frame = _scaler('convert').reformat(frame, format='rgb24', threads=1)
+    if augmentation.angle or augmentation.crop is not None:
+        image = frame.to_image()
+        if augmentation.angle:
+            image = image.rotate(augmentation.angle, resample=Image.BILINEAR)
+        if augmentation.crop is not None:
+            image = image.crop(augmentation.crop)
+        frame = av.VideoFrame.from_image(image)
+    scaled = _scaler('resize').reformat(frame, size, size, format='gbrp', interpolation='BILINEAR', threads=1)
+    if out is None:
+        out = np.empty((3, size, size), np.float32)
+    for channel, plane in enumerate(scaled.planes[i] for i in GBRP_PLANE_OF_BGR):
+        pixels = np.frombuffer(plane, np.uint8).reshape(size, plane.line_size)[:, :size]
+        if augmentation.flip:
+            pixels = pixels[:, ::-1]
+        np.subtract(pixels, MEAN_BGR[channel], out=out[channel], dtype=np.float32)
+    return out
+
+
+# gbrp holds the planes G, B, R: where B, G and R are
+GBRP_PLANE_OF_BGR = (1, 0, 2)
+_SCALERS = threading.local()
+
+
+def _scaler(role):
+    """This process's and thread's FFmpeg scaler for `role` (each keeps its context between frames of one size and
+    format). One thread each: the parallelism is across frames (decoder threads, loader processes), and a scaler
+    with worker threads, inherited by a forked loader process, would wait for them there forever."""
+    from av.video.reformatter import VideoReformatter
+    scalers = _SCALERS.__dict__
+    if scalers.get('pid') != os.getpid():
+        scalers.clear()
+        scalers['pid'] = os.getpid()
+    if role not in scalers:
+        scalers[role] = VideoReformatter()
+    return scalers[role]
 
 
 def repeatSequence(sequence, length):
@@ -449,7 +508,8 @@ def repeatSequence(sequence, length):
 # ----------------------------------------------------------------------------------------------------------
 
 # What preprocess_frame does; part of an extraction's identity, so change it when preprocessing changes.
-PREPROCESSING = 'rgb24 (FFmpeg via PyAV) -> Pillow bilinear resize -> BGR minus Caffe mean (preprocess_frame v1)'
+PREPROCESSING = ('rgb (FFmpeg via PyAV) -> FFmpeg scaler bilinear resize -> BGR minus Caffe mean '
+                 '(preprocess_frame v2)')
 _CODE = []
 
 

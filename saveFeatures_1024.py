@@ -29,9 +29,9 @@ import numpy as np
 import VGGNet_1024
 from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, HelpFormatter, Progress, VideoError,
                              add_conv_flag, add_data_flags, add_device_flag, atomic_path, check_clips_on_disk,
-                             exit_on_user_error, header_frame_count, iter_frames, make_provenance, nonnegative_int,
-                             positive_int, preprocess_frame, read_class_index, read_split, save_npy_atomic, use_device,
-                             video_info, warn)
+                             exit_on_user_error, header_frame_count, iter_video_frames, make_provenance,
+                             nonnegative_int, positive_int, preprocess_frame, read_class_index, read_split,
+                             save_npy_atomic, use_device, video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 
@@ -112,15 +112,18 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
         read, claimed = 0, 0
         try:
             info = video_info(path)
-            claimed, batch = info.frames, []
-            for frame in iter_frames(path):
-                batch.append(preprocess_frame(frame, insize))
+            claimed, batch, filled = info.frames, None, 0
+            for frame in iter_video_frames(path):
+                if batch is None:  # each batch a new array: the network may still hold the previous one
+                    batch = np.empty((batchsize, 3, insize, insize), np.float32)
+                preprocess_frame(frame, insize, out=batch[filled])
                 read += 1
-                if len(batch) == batchsize:
-                    out.put(('batch', clip, np.stack(batch)))
-                    batch = []
-            if batch:
-                out.put(('batch', clip, np.stack(batch)))
+                filled += 1
+                if filled == batchsize:
+                    out.put(('batch', clip, batch))
+                    batch, filled = None, 0
+            if filled:
+                out.put(('batch', clip, batch[:filled]))
             if not read:
                 out.put(('fail', clip, 0, claimed, 'no frame could be decoded'))
             elif info.truncated:

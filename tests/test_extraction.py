@@ -18,7 +18,7 @@ import saveFeatures_1024
 import save_hdf5
 import singleFrameAccuracy
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem, preprocess_frame, read_frames, read_split
+from helperFunctions import clip_stem, preprocess_frame, read_split, read_video_frames
 
 
 def npy_files(folder):
@@ -46,7 +46,7 @@ def test_extraction_outputs_match_the_model(tiny_ucf, tiny_model, extracted):
     assert npy_files(features) == expected and npy_files(predictions) == expected
     model = VGGNet_1024.load_model(tiny_model, conv='fast')  # extraction's default; fast vs stock: test_fast_conv
     for rel in sorted(written)[::17]:
-        frames = read_frames(os.path.join(root, 'UCF-101', rel))
+        frames = read_video_frames(os.path.join(root, 'UCF-101', rel))
         feature = np.load(os.path.join(features, clip_stem(rel) + '.npy'))
         prob = np.load(os.path.join(predictions, clip_stem(rel) + '.npy'))
         assert feature.shape == (written[rel], 16) and prob.shape == (written[rel], 4)

@@ -603,11 +603,11 @@ def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extra
 
 def preprocess(tiny_ucf, name):
     """The first frame of clip `name` (a packed dataset's name), as the network sees it."""
-    from helperFunctions import preprocess_frame
+    from helperFunctions import preprocess_frame, read_video_frames
     root, _ = tiny_ucf
     clip = next(c for s in ('train', 'test') for c in read_split(os.path.join(root, 'ucfTrainTestlist'), 1, s)
                 if clip_stem(c.path) == name)
-    return preprocess_frame(read_frames(os.path.join(root, 'UCF-101', clip.path))[0], 32)
+    return preprocess_frame(read_video_frames(os.path.join(root, 'UCF-101', clip.path))[0], 32)
 
 
 def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):

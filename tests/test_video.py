@@ -102,6 +102,51 @@ def test_random_access_equals_sequential_decoding(clips, name):
     assert np.array_equal(hf.read_frame(path, len(frames) + 5, info), frames[-1])
 
 
+@pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart'])
+def test_preprocessing_the_decoders_frames_is_preprocessing_the_command_lines_rgb(clips, name):
+    """preprocess_frame on the decoder's own frames (what extraction and training give it) equals it on the RGB
+    frames ffmpeg's command line writes, bit for bit: down- and upscaled, flipped, cropped and rotated."""
+    frames, reference = hf.read_video_frames(clips[name]), command_line_decode(clips[name])
+    augmentations = [hf.NO_AUGMENTATION, hf.Augmentation(True, None, 0.0), hf.Augmentation(False, (5, 3, 80, 70), 4.0)]
+    for i in sorted({0, len(frames) // 2, len(frames) - 1}):
+        for size, augmentation in zip((40, 128, 64), augmentations):
+            fast, simple = (hf.preprocess_frame(f, size, augmentation) for f in (frames[i], reference[i]))
+            assert np.array_equal(fast, simple), (name, i, size, augmentation)
+
+
+def test_preprocessing_works_in_a_forked_loader_after_the_parent_used_it(clips):
+    """Fine-tuning's loader processes are forked from a process that may have preprocessed frames already: the
+    child must not inherit a scaler whose worker threads did not come along (it would wait forever)."""
+    import multiprocessing
+    frame = hf.read_video_frames(clips['xvid-packed-bframes'])[0]
+    want = hf.preprocess_frame(frame, 40)
+    queue = multiprocessing.get_context('fork').SimpleQueue()
+    child = multiprocessing.get_context('fork').Process(target=lambda: queue.put(hf.preprocess_frame(frame, 40)))
+    child.start()
+    child.join(30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0 and np.array_equal(queue.get(), want)
+
+
+@pytest.mark.parametrize('size', ['320x240', '340x256'])
+def test_preprocessing_resizes_like_pillows_bilinear(tmp_path, size):
+    """preprocess_frame v2 (FFmpeg's bilinear scaler) against v1 (Pillow's bilinear resize of the same RGB frame)
+    to the network's 224x224, from UCF-101's frame size and from a width that is not a multiple of 16."""
+    from PIL import Image
+    path = str(tmp_path / 'clip.avi')
+    subprocess.run([FFMPEG, '-y', '-v', 'error', '-f', 'lavfi', '-i', f'testsrc2=size={size}:rate=25',
+                    '-frames:v', '6', '-c:v', 'libxvid', path], check=True)
+    differences = []
+    for frame in hf.read_video_frames(path):
+        rgb = np.asarray(Image.fromarray(hf._rgb(frame)).resize((224, 224), Image.BILINEAR), np.float32)
+        v1 = np.stack([rgb[:, :, 2 - c] - hf.MEAN_BGR[c] for c in range(3)])
+        differences.append(np.abs(hf.preprocess_frame(frame, 224) - v1))
+    d = np.stack(differences)
+    assert d.max() <= 2 and d.mean() < 0.1, (d.max(), d.mean())
+
+
 @pytest.mark.parametrize('name', ['h264-bpyramid-mp4', 'h264-open-gop-mkv', 'vp9-webm', 'vfr-mkv', 'h264-mov'])
 def test_timestamped_containers_are_entered_at_a_keyframe(clips, name):
     """The fast path is used where it is exact: most frames come from a keyframe seek, not the fallback."""
