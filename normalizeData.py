@@ -4,7 +4,7 @@
 
 reads train1024.hdf5 and test1024.hdf5, writes train1024_norm.hdf5 and test1024_norm.hdf5 (same layout) and
 feature_stats1024.npz (mean, std, frame count). The statistics are accumulated clip by clip in float64
-(Chan et al.'s pairwise update), so memory stays small at full scale. A dimension that never varies gets
+(each clip's sums, merged by Chan et al.'s pairwise update), so memory stays small at full scale. A dimension that never varies gets
 std 1 (it normalises to 0, never NaN); a clip holding NaN or inf is reported and left out of both the statistics
 and the output, so no NaN reaches a model.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, ensure_space, exit_on_user_error,
                              make_provenance, provenance_text, same_extraction, warn)
-from packed_hdf5 import file_provenance, read_clip, read_hdf5_header, write_packed
+from packed_hdf5 import file_provenance, read_hdf5_header, write_packed
 
 
 def report_nonfinite(path, name):
@@ -25,43 +25,55 @@ def report_nonfinite(path, name):
 
 
 def feature_statistics(path, clips):
-    """(mean, std, frames, usable clips) over all frames of `clips`, streamed clip by clip in float64 (Chan et
-    al.'s pairwise update); a clip holding NaN or inf is reported and left out, in the same pass."""
+    """(mean, std, frames, usable clips) over all frames of `clips`, streamed clip by clip; a clip holding NaN or
+    inf is reported and left out, in the same pass.
+
+    Each clip is shifted by its first frame (float32; exact where a value is within a factor of two of it), and
+    the sums of the shifted values and of their squares are accumulated in float64: the deviations are small,
+    so the clip's second moment does not cancel. The clips are merged with Chan et al.'s pairwise update. A
+    clip's sums are finite exactly when all of its values are, so they are the NaN/inf check too. Four passes
+    over each clip in float32, where centring in float64 took six over twice the bytes."""
     count, mean, m2, usable = 0, None, None, []
     progress = Progress(len(clips), 'clips', 'statistics: ', interval=5)
+    work = None
     with h5py.File(path, 'r') as f:
         for name in clips:
             x = f[name][()]
             progress.update()
-            if not np.isfinite(x).all():
+            if work is None or work.shape[0] < x.shape[0]:
+                work = np.empty((max(x.shape[0], 1024), x.shape[1]), np.float32)
+            n, shift = x.shape[0], x[0].astype(np.float64)
+            with np.errstate(over='ignore', invalid='ignore'):
+                d = np.subtract(x, x[0], out=work[:n])
+                total = d.sum(axis=0, dtype=np.float64)
+                squares = np.multiply(d, d, out=d).sum(axis=0, dtype=np.float64)
+            if not (np.isfinite(total).all() and np.isfinite(squares).all() and np.isfinite(shift).all()):
                 report_nonfinite(path, name)
                 continue
             usable.append(name)
-            x = x.astype(np.float64)
-            n, clip_mean = x.shape[0], x.mean(axis=0)
-            x -= clip_mean
-            x *= x
-            clip_m2 = x.sum(axis=0)
+            clip_mean = shift + total / n
+            clip_m2 = np.maximum(squares - total * total / n, 0.0)
             if mean is None:
                 count, mean, m2 = n, clip_mean, clip_m2
             else:
-                delta, total = clip_mean - mean, count + n
-                mean = mean + delta * n / total
-                m2 = m2 + clip_m2 + delta ** 2 * count * n / total
-                count = total
+                delta, merged = clip_mean - mean, count + n
+                mean = mean + delta * n / merged
+                m2 = m2 + clip_m2 + delta ** 2 * count * n / merged
+                count = merged
     if not count:
         raise DataError(f'{path}: no usable training frames')
     return mean, np.sqrt(m2 / count), count, usable
 
 
-def normalized_items(path, clips, mean, std):
+def normalized_items(path, clips, labels, mean, std, checked=False):
     """(name, label, normalised frames) of each clip, in float32 and in place; clips holding NaN or inf are
-    reported and left out."""
+    reported and left out (`checked`: the statistics pass found these clips finite already). The labels come
+    from the file's index (`labels`: name -> label; reading each dataset's attribute costs ~0.2 ms a clip)."""
     mean, std = mean.astype(np.float32), std.astype(np.float32)
     with h5py.File(path, 'r') as f:
         for name in clips:
-            x, label = read_clip(f, name)
-            if not np.isfinite(x).all():
+            x, label = f[name][()], labels[name]
+            if not checked and not np.isfinite(x).all():
                 report_nonfinite(path, name)
                 continue
             x -= mean
@@ -100,7 +112,9 @@ def main(argv=None):
             ensure_space(out, os.path.getsize(source))
             record = make_provenance('normalizeData.py', input=sources[source],
                                      statistics=dict(path=os.path.abspath(args.train), frames=int(count)))
-            n_clips, n_frames = write_packed(out, normalized_items(source, clips, mean, safe_std), len(clips),
+            labels = dict(zip(header['clips'], (int(label) for label in header['labels'])))
+            items = normalized_items(source, clips, labels, mean, safe_std, checked=source == args.train)
+            n_clips, n_frames = write_packed(out, items, len(clips),
                                              header['classes'], split=header['split'], subset=header['subset'],
                                              kind='normalized features', provenance=provenance_text(record))
             print(f'wrote {out}: {n_clips} clips, {n_frames} frames'

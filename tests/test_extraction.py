@@ -157,6 +157,32 @@ def test_packing_refuses_missing_clips(tiny_ucf, extracted, tmp_path, capsys):
     assert 'packing without them' in capsys.readouterr().err
 
 
+def test_feature_statistics_keep_small_variances_and_skip_nonfinite_clips(tmp_path, capsys):
+    """Statistics streamed clip by clip against numpy on all frames at once in float64, on features with a large
+    mean and a small spread (where summing squares without centring cancels), a dead unit, clips of different
+    lengths; a clip holding NaN and one holding inf are left out, and said so."""
+    rng = np.random.RandomState(0)
+    items = []
+    for k in range(7):
+        x = (50 + 1e-3 * rng.normal(size=(rng.randint(1, 40), 8))).astype(np.float32)
+        x[:, 0] = 0  # a unit that never fires
+        x[:, 1] = rng.uniform(0, 30, len(x))  # and one that varies a lot
+        if k == 2:
+            x[-1, 3] = np.nan
+        if k == 5:
+            x[0, 4] = np.inf
+        items.append((f'C/v_C_g{k + 1:02d}_c01', 0, x))
+    path = str(tmp_path / 'features.hdf5')
+    packed_hdf5.write_packed(path, items, len(items), ['C'], split=1, subset='train', kind='features')
+    mean, std, count, usable = normalizeData.feature_statistics(path, [name for name, _, _ in items])
+    kept = [x for k, (_, _, x) in enumerate(items) if k not in (2, 5)]
+    want = np.concatenate(kept).astype(np.float64)
+    assert usable == [name for k, (name, _, _) in enumerate(items) if k not in (2, 5)] and count == len(want)
+    assert np.allclose(mean, want.mean(axis=0), rtol=1e-7, atol=1e-12)  # float32 rounding of the shift
+    assert np.allclose(std, want.std(axis=0), rtol=1e-6, atol=1e-12) and std[0] == 0
+    assert capsys.readouterr().err.count('holds NaN or inf') == 2
+
+
 def test_normalization(packed, tmp_path):
     out = dict(train=str(tmp_path / 'train_norm.hdf5'), test=str(tmp_path / 'test_norm.hdf5'))
     normalizeData.main(['--train', str(packed / 'train1024.hdf5'), '--test', str(packed / 'test1024.hdf5'),
