@@ -114,8 +114,17 @@ def hdf5_locking_check():
 def video_checks():
     """The decoder the pipeline reads clips with (PyAV), and a real test: an XVID AVI with packed B-frames (the
     kind UCF-101 holds), made by imageio-ffmpeg's ffmpeg, read back in and out of order."""
-    import av
-    import imageio_ffmpeg
+    try:
+        import av
+    except Exception as e:  # not installed, or a broken build: both are what this tool must say
+        return [Check('video decoder', 'FAIL', f'PyAV does not import ({type(e).__name__}: {e})',
+                      'the pipeline decodes clips with PyAV: `make venv` (requirements.txt pins av)')]
+    try:
+        import imageio_ffmpeg
+    except Exception as e:
+        return [Check('video decoder', 'ok', f'PyAV {av.__version__}', ''),
+                Check('ffmpeg (encoding)', 'FAIL', f'imageio-ffmpeg does not import ({type(e).__name__}: {e})',
+                      'the synthetic set and this check encode with its ffmpeg: `make venv`')]
     import helperFunctions as hf
     checks = [Check('video decoder', 'ok', f'PyAV {av.__version__}, libavcodec '
                                          f'{".".join(map(str, av.library_versions["libavcodec"]))}', '')]
@@ -155,7 +164,6 @@ def cupy_checks(device_id, require_gpu):
     except Exception as e:
         return [Check('CuPy', 'FAIL', f'does not import ({type(e).__name__}: {e})',
                       f'reinstall the wheel for this CUDA: {INSTALL_CUPY}')], None
-    import chainer
     major = int(cupy.__version__.split('.')[0])
     if major == 7:
         verdict, detail = 'ok', 'supported by Chainer 7.8.1'
@@ -191,6 +199,11 @@ def cupy_checks(device_id, require_gpu):
     checks.append(Check('GPU', 'ok' if free > 4e9 else 'warn',
                         f'{device_id}: {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free',
                         'another process holds most of its memory: pick a free GPU (--device) or wait'))
+    try:
+        import chainer
+    except Exception as e:  # reported by the Chainer line above; the GPU cannot be used without it
+        return checks + [Check('cuDNN', 'skip', f'Chainer does not import ({type(e).__name__})',
+                               'see the Chainer line')], None
     cuda = chainer.backends.cuda
     if cuda.cudnn_enabled:
         checks.append(Check('cuDNN', 'ok', f'{cuda._cudnn_version}, enabled in Chainer', ''))

@@ -96,6 +96,26 @@ def test_failing_line_says_what_to_do_and_fails(capsys, monkeypatch):
     assert '  numpy (FAIL): pip install x' in out and 'NOT READY, 1 check(s) failed' in out
 
 
+def test_broken_environment_gets_lines_not_a_traceback(capsys, monkeypatch, tmp_path):
+    """Seen on a GPU node whose Python had numpy 2 and no video packages: Chainer does not import, PyAV and
+    imageio-ffmpeg are missing, CuPy is there. Every one is a line of the table with what to do."""
+    import av
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, 'cupy', fake_cupy('13.6.0'))
+    monkeypatch.setitem(sys.modules, 'chainer', None)  # `import chainer` raises ImportError
+    monkeypatch.setitem(sys.modules, 'av', None)
+    monkeypatch.setattr(doctor, 'host_checks', lambda: [])
+    with pytest.raises(SystemExit) as e:
+        doctor.main([])
+    assert e.value.code == 1
+    rows, out = table(capsys)
+    assert rows['Chainer'][0] == 'FAIL' and rows['video decoder'][0] == 'FAIL' and 'PyAV does not import' in out
+    assert rows['CuPy'][0] == 'warn' and rows['GPU'][0] == 'ok' and rows['GPU run'][0] == 'skip'
+    monkeypatch.setitem(sys.modules, 'av', av)
+    monkeypatch.setitem(sys.modules, 'imageio_ffmpeg', None)
+    assert [c.verdict for c in doctor.video_checks()] == ['ok', 'FAIL']
+
+
 def test_hdf5_lock_refusal_names_the_variable(monkeypatch, tmp_path):
     import h5py
     monkeypatch.chdir(tmp_path)
