@@ -626,13 +626,14 @@ class LeanAdamRule(chainer.optimizers.adam.AdamRule):
         arrays = [a.reshape(-1) for a in (param.data, grad, self.state['m'], self.state['v'])]
         constants = (np.float32(1.0 - hp.beta1), np.float32(1.0 - hp.beta2), hp.eps, self.alpha_t)
         size = arrays[0].size
-        workers = update_pool()._max_workers if size >= 2 * ADAM_BLOCK else 1
+        pool, workers = update_pool()
+        workers = workers if size >= 2 * ADAM_BLOCK else 1
         bounds = [size * k // workers for k in range(workers + 1)]
         ranges = list(zip(bounds[:-1], bounds[1:]))
         if workers == 1:
             _adam_blocks(arrays, constants, *ranges[0])
         else:
-            list(update_pool().map(lambda r: _adam_blocks(arrays, constants, *r), ranges))
+            list(pool.map(lambda r: _adam_blocks(arrays, constants, *r), ranges))
 
 
 # Elements per block of LeanAdam's step (five float32 blocks of 512 KB: parameter, gradient, two moments, scratch).
@@ -672,14 +673,16 @@ class LeanAdam(chainer.optimizers.Adam):
         return LeanAdamRule(self.hyperparam)
 
 
-_POOL = []
+_POOL = {}
 
 
 def update_pool():
+    """(thread pool, its size) for updating parameters side by side on the job's CPUs."""
     if not _POOL:
         import concurrent.futures
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(max(1, min(4, usable_cpus()))))
-    return _POOL[0]
+        _POOL['workers'] = max(1, min(4, usable_cpus()))
+        _POOL['pool'] = concurrent.futures.ThreadPoolExecutor(_POOL['workers'])
+    return _POOL['pool'], _POOL['workers']
 
 
 def make_optimizer(args):
