@@ -439,9 +439,9 @@ def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION, out=None):
     planes (G, B, R); a flip reverses the columns; the mean is subtracted on the way into the result.
 
     preprocess_frame v1 resized with Pillow's bilinear filter instead. Both filters are triangles that widen with
-    the reduction; their rounding differs: from UCF-101's 320x240 to 224x224 by at most one grey level, at about
-    one value in ten (tests/test_video.py); at reductions of 2x and more, by a few levels on average near sharp
-    edges. This is 2-3x faster than v1 (bench.py); training and extraction share it, so they still agree.
+    the reduction; their rounding differs: from UCF-101's 320x240 to 224x224 by at most two grey levels, at about
+    one value in six, 0.17 on average (tests/test_video.py, bench.py); at reductions of 2x and more, by a few
+    levels near sharp edges. This is 2-3x faster than v1 (bench.py); training and extraction share it, so they still agree.
     """
     import av
     if isinstance(frame, np.ndarray):
