@@ -166,10 +166,13 @@ def reference_lstm(model, x, state=None):
     return F.reshape(model.out(F.sigmoid(model.fc(h))), (batch, steps, -1)), state
 
 
+@pytest.mark.parametrize('by_exp', [True, False], ids=['cpu-exp', 'gpu-arithmetic'])
 @pytest.mark.parametrize('layers, steps', [(1, 7), (2, 5)])
-def test_lstm_chunk_is_chainer_lstm_step_by_step(layers, steps):
-    """LSTMChunk against F.lstm: the outputs, the carried state and every gradient (parameters, input, incoming
-    state), at the handout's gate order, with a state carried in from a previous chunk and saturated gates."""
+def test_lstm_layer_is_chainer_lstm_step_by_step(layers, steps, by_exp, monkeypatch):
+    """LSTMLayer against F.lstm: the outputs, the carried state and every gradient (parameters, input, incoming
+    state), at the handout's gate order, with a state carried in from a previous chunk and saturated gates; both
+    the CPU's exp arithmetic and the one a GPU runs (here on numpy)."""
+    monkeypatch.setattr(rnn.LSTMLayer, 'BY_EXP', by_exp)
     rng = np.random.RandomState(layers)
     model = rnn.RNN(12, 16, layers, 10, 5)
     for p in model.params():
