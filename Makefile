@@ -1,20 +1,45 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+#
+# Which Python: PYTHON=/path/to/python3.x, else the one .venv was made with, else the first of python3.11,
+# python3.12, python3.13, python3 (then pyenv's own 3.11-3.13) that runs and is one of those versions.
+# Python 3.11 gets the pinned stack (requirements/pinned.txt: numpy 1.26), 3.12 and 3.13 the current one
+# (requirements/current.txt: numpy 2.5). GPU=cuda12 | cuda13 | cuda12-cupy14 adds CuPy with its CUDA libraries
+# from pip (requirements/gpu-*.txt; README, GPU); .venv remembers it, so later targets keep it.
+VENV ?= .venv
+GPU ?= $(shell cat $(VENV)/.gpu 2>/dev/null)
+SUPPORTED := import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12), (3, 13)))
+PYTHON ?= $(shell cat $(VENV)/.python 2>/dev/null || for p in python3.11 python3.12 python3.13 python3 \
+	$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[123]*/bin/python3 2>/dev/null); do \
+	$$p -c '$(SUPPORTED)' 2>/dev/null && $$p -c 'import sys; print(sys.executable)' && break; done)
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+STACK := $(if $(filter 3.11,$(PY_VERSION)),pinned,current)
+ifneq ($(GPU),)
+ifeq ($(wildcard requirements/gpu-$(GPU).txt),)
+$(error GPU=$(GPU) is not one of: cuda12 (CuPy 13.6 with cuDNN 8), cuda13 or cuda12-cupy14 (CuPy 14, no cuDNN))
+endif
+endif
+REQUIREMENTS := requirements/$(STACK).txt $(if $(GPU),requirements/gpu-$(GPU).txt)
+STAMP := $(VENV)/.installed-$(PY_VERSION)-$(shell cat $(REQUIREMENTS) requirements/build-constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints-build.txt | cksum | cut -d' ' -f1)
-# Old pip reads the build constraint from PIP_CONSTRAINT, new pip (>=25.3) from PIP_BUILD_CONSTRAINT.
-PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints-build.txt PIP_BUILD_CONSTRAINT=$(CURDIR)/constraints-build.txt PIP_DISABLE_PIP_VERSION_CHECK=1
+comma := ,
+# Chainer 7.8.1 builds from source and needs setuptools<74 for that build only (pip >= 25.3 reads it from here).
+PIP := PIP_BUILD_CONSTRAINT=$(CURDIR)/requirements/build-constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1 $(VENV)/bin/pip
 
-.PHONY: venv demo test faults bench doctor clean
+.PHONY: venv demo test faults bench doctor gpu-bundle gpu-check clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt constraints-build.txt
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Chainer 7.8.1 needs Python 3.11; set PYTHON=/path/to/python3.11")'
+$(STAMP): $(REQUIREMENTS) requirements/build-constraints.txt
+	@test -n "$(PY_VERSION)" || { echo 'make: $(if $(PYTHON),PYTHON=$(PYTHON) does not run,no Python 3.11$(comma) 3.12 or 3.13 found); set PYTHON=/path/to/python3.x'; exit 1; }
+	@$(PYTHON) -c '$(SUPPORTED)' || { echo 'make: $(PYTHON) is Python $(PY_VERSION); the project runs on 3.11 (pinned stack) or 3.12/3.13 (current stack): set PYTHON=/path/to/python3.x'; exit 1; }
+	@test "$(STACK)" != pinned -o -z "$(filter cuda13 cuda12-cupy14,$(GPU))" || { echo 'make: GPU=$(GPU) is CuPy 14, which needs numpy 2: use Python 3.12 or 3.13 (PYTHON=...), or GPU=cuda12'; exit 1; }
+	@echo "make: $(VENV) from $(PYTHON) (Python $(PY_VERSION), the $(STACK) stack$(if $(GPU),$(comma) GPU=$(GPU)))"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(VENV)/bin/pip install -q -r requirements.txt
+	$(PIP) install -q pip==26.0.1
+	$(PIP) install -q $(addprefix -r ,$(REQUIREMENTS))
+	echo '$(PYTHON)' > $(VENV)/.python
+	echo '$(GPU)' > $(VENV)/.gpu
 	touch $@
 
 demo: $(STAMP)
@@ -32,5 +57,12 @@ bench: $(STAMP)
 doctor: $(STAMP)
 	$(PY) doctor.py
 
+# What the GPU check needs on a node without network (gpu_bundle/: wheels and pre-encoded clips; README, GPU).
+gpu-bundle: $(STAMP)
+	$(PY) gpucheck.py --make-bundle gpu_bundle
+
+gpu-check: $(STAMP)
+	$(PY) gpucheck.py
+
 clean:
-	rm -rf $(VENV) demo bench
+	rm -rf $(VENV) demo bench gpu_bundle

@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import chainer
 import chainer.functions as F
 import chainer.links as L
@@ -232,16 +233,18 @@ def save_params(path, arrays, provenance):
     return record
 
 
-def calibrate_random(model, batch=8, pixel_std=60.0, seed=0):
+def calibrate_random(model, batch=8, pixel_std=60.0, seed=0, frames=None):
     """Data-free initialisation of a random VGG16 for the demo: every unit gets zero mean and unit spread on
     image-like input (layer-sequential, per channel).
 
     ImageNet weights bring features of a sane scale whose units switch on for some images and off for others.
     Random weights compound the input's +-100 pixel range over 14 layers, and after each ReLU every channel
     carries a large common offset, so the units barely differ between images and the new fc7 learns slowly.
-    Centring and scaling each unit (weights and bias) fixes both.
+    Centring and scaling each unit (weights and bias) fixes both. `frames` (preprocessed, N x 3 x insize x
+    insize) calibrates on those instead of Gaussian noise of `pixel_std`.
     """
-    h = np.random.RandomState(seed).normal(0, pixel_std, (batch, 3, model.insize, model.insize)).astype(np.float32)
+    h = frames if frames is not None else np.random.RandomState(seed).normal(
+        0, pixel_std, (batch, 3, model.insize, model.insize)).astype(np.float32)
     names = iter(CONV_LAYERS)
 
     def calibrate(link, x, axes):

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))

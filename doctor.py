@@ -25,9 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import numpy as np
 
+STACKS = {(3, 11): 'pinned', (3, 12): 'current', (3, 13): 'current'}
+STACK_FILES = {'pinned': 'requirements/pinned.txt', 'current': 'requirements/current.txt'}
 Check = collections.namedtuple('Check', 'name verdict detail fix')  # verdict: ok, warn, FAIL, skip
 
 CUPY_WHEEL = 'cupy-cuda12x==13.6.0 for CUDA 12, cupy-cuda11x==13.6.0 for CUDA 11'
@@ -44,19 +48,34 @@ def version_of(package):
 
 
 def software_checks():
-    """Python, numpy, setuptools and Chainer: the versions Chainer 7.8.1 runs with."""
+    """Python, numpy, setuptools and Chainer: one of the two stacks Chainer 7.8.1 runs on here (README, Install)."""
+    import chainer_compat
     checks = []
-    python = platform.python_version()
-    checks.append(Check('Python', 'ok' if sys.version_info[:2] == (3, 11) else 'FAIL', python,
-                        'Chainer 7.8.1 needs Python 3.11: `make venv PYTHON=/path/to/python3.11`'))
+    python, minor = platform.python_version(), sys.version_info[:2]
+    stack = STACKS.get(minor)
+    checks.append(Check('Python', 'ok' if stack else 'FAIL',
+                        f'{python}: the {stack} stack ({STACK_FILES[stack]})' if stack else python,
+                        'the project runs on Python 3.11 (pinned stack) or 3.12/3.13 (current stack): '
+                        '`make venv PYTHON=/path/to/python3.12`'))
     numpy_version = np.__version__
-    checks.append(Check('numpy', 'ok' if int(numpy_version.split('.')[0]) < 2 else 'FAIL', numpy_version,
-                        'Chainer 7.8.1 needs numpy<2: `.venv/bin/pip install numpy==1.26.4`'))
+    major_minor = tuple(int(v) for v in numpy_version.split('.')[:2])
+    good = (1, 26) <= major_minor < (2, 6)
+    checks.append(Check('numpy', 'ok' if good else 'warn', numpy_version + (
+                        ' (numpy 2: Chainer runs through chainer_compat)' if major_minor >= (2, 0) else ''),
+                        'tested with numpy 1.26 (Python 3.11) and 2.5 (3.12/3.13; CuPy 13.6 needs <2.6): `make venv`'))
     setuptools = version_of('setuptools') or 'not installed'
-    good = setuptools[0].isdigit() and int(setuptools.split('.')[0]) < 74
-    checks.append(Check('setuptools', 'ok' if good else 'FAIL', setuptools,
-                        'Chainer imports pkg_resources, gone from setuptools 74: `.venv/bin/pip install '
-                        '"setuptools<74"`'))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            import pkg_resources  # noqa: F401
+        checks.append(Check('setuptools', 'ok', f'{setuptools} (pkg_resources, which Chainer imports)', ''))
+    except Exception as e:
+        checks.append(Check('setuptools', 'FAIL', f'{setuptools}: pkg_resources does not import ({type(e).__name__})',
+                            'Chainer imports pkg_resources: setuptools 65 (Python 3.11) or 80 (3.12/3.13; 82 '
+                            'removed it): `make venv`'))
+    applied = chainer_compat.applied()
+    checks.append(Check('Chainer compatibility', 'ok', 'supplied ' + ', '.join(applied) if applied else
+                        'nothing needed on this stack', ''))
     try:
         import chainer
         checks.append(Check('Chainer', 'ok' if chainer.__version__ == '7.8.1' else 'warn', chainer.__version__,
@@ -72,10 +91,10 @@ def host_checks():
     checks = [Check('CPUs for this job', 'ok', f'{usable_cpus()} of {os.cpu_count()} on the node (its cpuset)', '')]
     try:
         import fast_conv
-        fast = fast_conv._sgemm() is not None
-        checks.append(Check('CPU convolution', 'ok' if fast else 'warn',
-                            "fast_conv on numpy's OpenBLAS" if fast else "numpy has no OpenBLAS: fast_conv's slower "
-                                                                      'path (CPU only; a GPU is unaffected)',
+        blas = fast_conv.blas_in_use()
+        checks.append(Check('CPU convolution', 'ok' if blas else 'warn',
+                            f"fast_conv on numpy's {blas}" if blas else "numpy has no OpenBLAS: fast_conv's slower "
+                                                                     'path (CPU only; a GPU is unaffected)',
                             'install numpy from PyPI wheels (they bundle OpenBLAS): `make venv`'))
     except Exception as e:
         checks.append(Check('CPU convolution', 'warn', f'fast_conv unusable ({type(e).__name__}: {e})',

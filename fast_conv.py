@@ -25,8 +25,10 @@ Two ways in:
 Arrays on a GPU go to Chainer's own (cuDNN) functions.
 """
 import ctypes
+import os
 import threading
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import chainer
 import chainer.functions as F
 import numpy as np
@@ -37,38 +39,47 @@ MIN_CHANNELS = 16          # fewer input channels: stacking (a 3-long inner dime
 MIN_POSITIONS = 512        # fewer positions (a 14x14 image): stacking (one long product beats nine short ones)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+SYMBOL_PREFIXES = ('', 'scipy_')  # numpy 1.26's OpenBLAS, numpy 2's scipy-openblas
 _openblas_cache = []
 _local = threading.local()
 
 
 def _find_openblas():
-    """(cblas_sgemm, cblas_somatcopy) of the OpenBLAS that numpy uses, each None where missing. numpy's wheels
-    ship OpenBLAS with 64-bit integers and the symbol suffix 64_; only that interface is used, and only after a
+    """(cblas_sgemm, cblas_somatcopy, description) of the OpenBLAS that numpy uses, each None where missing.
+    numpy's wheels
+    ship OpenBLAS with 64-bit integers and the symbol suffix 64_ (numpy 1.26: cblas_sgemm64_; numpy 2's
+    scipy-openblas also prefixes scipy_: scipy_cblas_sgemm64_); only that interface is used, and only after a
     check against numpy's own results."""
     try:
         import threadpoolctl
-        paths = [i['filepath'] for i in threadpoolctl.threadpool_info() if i.get('user_api') == 'blas']
+        libraries = [i for i in threadpoolctl.threadpool_info() if i.get('user_api') == 'blas']
     except Exception:  # threadpoolctl missing or confused: the stacking path needs none of this
-        return None, None
+        return None, None, None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    for path in paths:
+    for info in libraries:
         try:
-            library = ctypes.CDLL(path)
-            sgemm = library.cblas_sgemm64_
-        except (OSError, AttributeError):
+            library = ctypes.CDLL(info['filepath'])
+        except OSError:
             continue
+        prefix = next((p for p in SYMBOL_PREFIXES if hasattr(library, p + 'cblas_sgemm64_')), None)
+        if prefix is None:
+            continue
+        sgemm = getattr(library, prefix + 'cblas_sgemm64_')
         sgemm.argtypes = [i64] * 6 + [f32, ptr, i64, ptr, i64, f32, ptr, i64]
         sgemm.restype = None
         if not _sgemm_works(sgemm):
             continue
-        transpose = getattr(library, 'cblas_somatcopy64_', None)
+        transpose = getattr(library, prefix + 'cblas_somatcopy64_', None)
         if transpose is not None:
             transpose.argtypes = [i64] * 4 + [f32, ptr, i64, ptr, i64]
             transpose.restype = None
             if not _transpose_works(transpose):
                 transpose = None
-        return sgemm, transpose
-    return None, None
+        description = (f"{info.get('internal_api', 'BLAS')} {info.get('version') or ''} "
+                       f"({prefix}cblas_sgemm64_, {info.get('architecture') or 'unknown'} kernels, "
+                       f"{os.path.basename(info['filepath'])})")
+        return sgemm, transpose, description
+    return None, None, None
 
 
 def _sgemm_works(function):
@@ -98,6 +109,11 @@ def _openblas():
 
 def _sgemm():
     return _openblas()[0]
+
+
+def blas_in_use():
+    """Which BLAS the fast path multiplies with (library, version, symbol, kernels), or None: the stacking path."""
+    return _openblas()[2]
 
 
 def _tap_weights(weights):

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import chainer
 import matplotlib
 import numpy as np

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import numpy as np
 from PIL import Image
 

@@ -67,7 +67,7 @@ def read_hdf5_header(path, expect_split=None, expect_subset=None):
         raise DataError(f'{path}: not found; make it with `python save_hdf5.py` (Part 2)')
     try:
         with open_hdf5(path, 'r') as f:
-            attrs = {k: f.attrs[k] for k in f.attrs}
+            attrs = {k: _plain(f.attrs[k]) for k in f.attrs}
             if '_index' in f:
                 attrs.update(clips=[c.decode() for c in f['_index/clips'][()]],
                              labels=f['_index/labels'][()],
@@ -82,6 +82,13 @@ def read_hdf5_header(path, expect_split=None, expect_subset=None):
                             f'split, or --split {attrs[key]}' if key == 'split' else
                             f'{path} holds the {attrs[key]} clips, not the {expected} ones')
     return attrs
+
+
+def _plain(value):
+    """An attribute as Python holds it (numpy 2 writes a numpy scalar as np.int64(1) into messages)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def file_provenance(path, header=None):

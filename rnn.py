@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import chainer
 import chainer.functions as F
 import chainer.links as L
