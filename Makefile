@@ -51,8 +51,15 @@ test: $(STAMP)
 faults: $(STAMP)
 	$(PY) -m pytest -q tests/test_faults.py
 
+# The other stack's interpreter (evaluated only here): make bench measures fast_conv on both, side by side.
+OTHER_PYTHON = $(shell for v in $(if $(filter pinned,$(STACK)),3.12 3.13,3.11); do for p in python$$v \
+	$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python3 2>/dev/null); do \
+	$$p -c 'import sys; print(sys.executable)' 2>/dev/null && exit 0; done; done)
+
 bench: $(STAMP)
-	$(PY) bench.py
+	$(eval OTHER := $(OTHER_PYTHON))
+	$(if $(OTHER),$(MAKE) venv VENV=.venv-other PYTHON=$(OTHER) GPU=)
+	$(PY) bench.py --stacks $(PY) $(if $(OTHER),.venv-other/bin/python)
 
 doctor: $(STAMP)
 	$(PY) doctor.py
@@ -65,4 +72,4 @@ gpu-check: $(STAMP)
 	$(PY) gpucheck.py
 
 clean:
-	rm -rf $(VENV) demo bench gpu_bundle
+	rm -rf $(VENV) .venv-other demo bench gpu_bundle gpucheck

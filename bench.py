@@ -490,6 +490,49 @@ def caffemodel_figures(work):
     return figures
 
 
+STACK_CODE = r'''
+import json, platform, sys
+sys.path.insert(0, sys.argv[1])
+import bench, fast_conv, numpy
+repeat = int(sys.argv[2])
+print(json.dumps(dict(python=platform.python_version(), numpy=numpy.__version__, blas=fast_conv.blas_in_use(),
+                      sgemm_gflops=bench.sgemm_gflops(repeat), fps_b1=bench.vgg_fps('fast', 1, repeat),
+                      fps_b8=bench.vgg_fps('fast', 8, repeat))))
+'''
+
+
+def stack_figures(pythons, rounds, repeat):
+    """fast_conv's VGG16 forward and the BLAS it multiplies with, under each interpreter (each stack's venv), in
+    alternating rounds; the best round of each."""
+    best = {}
+    for _ in range(rounds):
+        for python in pythons:
+            out = subprocess.run([python, '-c', STACK_CODE, HERE, str(repeat)], capture_output=True, text=True)
+            if out.returncode:
+                best[python] = {'error': out.stderr.strip()[-300:]}
+                continue
+            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            kept = best.setdefault(python, figures)
+            for key in ('sgemm_gflops', 'fps_b1', 'fps_b8'):
+                kept[key] = max(kept[key], figures[key])
+    return best
+
+
+def stacks_report(stacks):
+    lines = ['fast_conv on each stack, measured in alternating rounds in one run', '',
+             '| Python | numpy | BLAS | float32 matmul | VGG16 224 forward, batch 1 | batch 8 |', '|---|---|---|---|---|---|']
+    first = None
+    for python, f in stacks.items():
+        if 'error' in f:
+            lines.append(f'| {python} | failed: {f["error"]} | | | | |')
+            continue
+        first = first or f
+        lines.append(f'| {f["python"]} | {f["numpy"]} | {f["blas"] or "none: the stacking path"} | '
+                     f'{f["sgemm_gflops"]:.0f} GFLOP/s | {f["fps_b1"]:.2f} frames/s ({f["fps_b1"] / first["fps_b1"]:.2f}x) | '
+                     f'{f["fps_b8"]:.2f} frames/s ({f["fps_b8"] / first["fps_b8"]:.2f}x) |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', '-o', default='bench')
@@ -499,7 +542,10 @@ def main(argv=None):
     p.add_argument('--lists', default=os.path.join(HERE, '..', 'shared', 'ucfTrainTestlist'),
                    help="the real split files, whose 13,320 clip names the full-scale packing uses (default: "
                         "%(default)s; generated names where absent)")
-    p.add_argument('--only', nargs='+', choices=('decoding', 'lstm', 'evaluation', 'packing'),
+    p.add_argument('--stacks', nargs='+', metavar='PYTHON', default=[],
+                   help="interpreters of each stack's venv (e.g. .venv/bin/python .venv-other/bin/python): "
+                        "fast_conv's speed under each, side by side (make bench passes both where it finds them)")
+    p.add_argument('--only', nargs='+', choices=('decoding', 'lstm', 'evaluation', 'packing', 'stacks'),
                    help='measure these again and update the existing results (bench/results.json)')
     p.add_argument('--packing-only', action='store_true', help='the same as --only packing')
     args = p.parse_args(argv)
@@ -507,9 +553,11 @@ def main(argv=None):
     rounds = 3 if args.quick else 8
     work = args.work or tempfile.mkdtemp(prefix='ucf_bench_')
     only = set(args.only or []) | ({'packing'} if args.packing_only else set())
-    if only:
+    if only and os.path.exists(os.path.join(args.out, 'results.json')):
         with open(os.path.join(args.out, 'results.json')) as f:
             r = json.load(f)
+    elif only - {'stacks'}:
+        raise SystemExit(f'--only needs the results of a whole run in {args.out}/results.json: run `make bench` first')
     else:
         os.makedirs(args.out, exist_ok=True)
         r = {}
@@ -548,15 +596,19 @@ def main(argv=None):
     if not only:
         print('caffemodel conversion (553 MB) ...', file=sys.stderr, flush=True)
         r['caffemodel'] = caffemodel_figures(work)
+    if args.stacks and (not only or 'stacks' in only):
+        print('fast_conv on each stack ...', file=sys.stderr, flush=True)
+        r['stacks'] = stack_figures(args.stacks, 2, repeat)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return write_results(args.out, r)
 
 
 def write_results(out, r):
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(r, f, indent=1)
-    table = report(r)
+    table = (report(r) + '\n' if 'sgemm_gflops' in r else '') + (stacks_report(r['stacks']) if r.get('stacks') else '')
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write(table)
     print(table)

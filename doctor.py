@@ -10,11 +10,14 @@ broken GPU stack shows in a minute rather than after a 2.5-hour job. Without a G
 and exits 0 (1 with --require-gpu). Where a GPU is found it runs VGG16 at 224x224 on it (random weights, real
 shapes): forward and backward compared with the CPU, extraction frames/s, a fine-tuning step, and the memory used.
 
-What it knows about the GPU stack: Chainer 7.8.1 officially supports CuPy 7 only (8 and later are "experimental"
-upstream and make Chainer warn; CHAINER_WARN_VERSION_MISMATCH=0 silences it). CuPy 7 has no CUDA 12 build and
-does not know recent GPUs, so CuPy 13 (cupy-cuda12x==13.6.0 or cupy-cuda11x==13.6.0; numpy<2; still with cuDNN)
-is the workable choice. CuPy 14 needs numpy 2 and has no cuDNN: not usable with Chainer. Without cuDNN, Chainer
-falls back to im2col without a word: conv1_2's buffer alone is ~4 GB at batch 36.
+What it knows about the GPU stack (README, GPU): Chainer 7.8.1 officially supports CuPy 7 only, which has no
+CUDA 12 build; later CuPy is "experimental" upstream and makes Chainer warn (CHAINER_WARN_VERSION_MISMATCH=0
+silences it). Two installs work from the venv: `make venv GPU=cuda12` (CuPy 13.6 with cuDNN 8.9 and every CUDA
+12 library from pip, loaded by chainer_compat; either stack) and `make venv GPU=cuda13` (CuPy 14 with CUDA 13
+from pip; numpy 2, so Python 3.12/3.13). CuPy 14 has no cuDNN: Chainer convolves by im2col (conv1_2's buffer
+alone is ~4 GB at batch 36, and it is slower); with CuPy 13 a missing cuDNN is a failure, since Chainer falls
+back to the same without a word. cuDNN 9 (what `pip install nvidia-cudnn-cu12` brings today) is not usable by
+CuPy 13.
 """
 import argparse
 import collections
@@ -34,8 +37,12 @@ STACKS = {(3, 11): 'pinned', (3, 12): 'current', (3, 13): 'current'}
 STACK_FILES = {'pinned': 'requirements/pinned.txt', 'current': 'requirements/current.txt'}
 Check = collections.namedtuple('Check', 'name verdict detail fix')  # verdict: ok, warn, FAIL, skip
 
-CUPY_WHEEL = 'cupy-cuda12x==13.6.0 for CUDA 12, cupy-cuda11x==13.6.0 for CUDA 11'
-INSTALL_CUPY = '`.venv/bin/pip install cupy-cuda12x==13.6.0` (CUDA 12; cupy-cuda11x==13.6.0 for CUDA 11)'
+CUPY_WHEEL = 'make venv GPU=cuda12 (CUDA 12) or GPU=cuda13 (CUDA 13, Python 3.12/3.13)'
+INSTALL_CUPY = ('`make venv GPU=cuda12` (a CUDA 12 driver, R525+: CuPy 13.6, cuDNN 8) or `make venv GPU=cuda13` '
+                '(a CUDA 13 driver, R580+, Python 3.12/3.13: CuPy 14, no cuDNN)')
+INSTALL_CUDNN = ('`make venv GPU=cuda12` (cuDNN 8.9 from pip, loaded by chainer_compat), or `module load cudnn` '
+                 'with a cuDNN 8 (cuDNN 9, today\'s `pip install nvidia-cudnn-cu12`, does not work with CuPy 13)')
+NO_CUDNN_COST = 'Chainer convolves by im2col: conv1_2 alone needs ~4 GB more at batch 36, and it is slower'
 FEATURE_DISK_GB = 35  # UCF-101's features and predictions (~11 GB) plus the packed and normalised HDF5 files
 
 
@@ -184,16 +191,28 @@ def cupy_checks(device_id, require_gpu):
         return [Check('CuPy', 'FAIL', f'does not import ({type(e).__name__}: {e})',
                       f'reinstall the wheel for this CUDA: {INSTALL_CUPY}')], None
     major = int(cupy.__version__.split('.')[0])
+    numpy_2 = int(np.__version__.split('.')[0]) >= 2
     if major == 7:
         verdict, detail = 'ok', 'supported by Chainer 7.8.1'
     elif 8 <= major <= 13:
-        verdict, detail = 'warn', ('"experimental" for Chainer 7.8.1 (officially CuPy 7 only) but works with numpy<2; '
+        verdict, detail = 'warn', ('"experimental" for Chainer 7.8.1 (officially CuPy 7 only), tested here; '
                                    'silence its warning with CHAINER_WARN_VERSION_MISMATCH=0')
+    elif major == 14 and numpy_2:
+        verdict, detail = 'warn', f'"experimental" for Chainer 7.8.1 and without cuDNN: {NO_CUDNN_COST}'
+    elif major == 14:
+        verdict, detail = 'FAIL', 'needs numpy 2 (this is the pinned stack, numpy 1.26)'
     else:
-        verdict, detail = 'FAIL', 'needs numpy 2 and has no cuDNN: Chainer 7.8.1 cannot use it'
-    checks = [Check('CuPy', verdict, f'{cupy.__version__}: {detail}', INSTALL_CUPY)]
+        verdict, detail = 'warn', 'newer than any CuPy this project was tried with'
+    checks = [Check('CuPy', verdict, f'{cupy.__version__}: {detail}',
+                    INSTALL_CUPY if verdict == 'FAIL' else '`make venv GPU=cuda12` keeps cuDNN' if major == 14 else
+                    'CHAINER_WARN_VERSION_MISMATCH=0')]
     if verdict == 'FAIL':
         return checks, None
+    import chainer_compat
+    pip_libraries = sorted(chainer_compat.PIP_CUDA_LIBRARIES)
+    checks.append(Check('CUDA libraries', 'ok', f'{len(pip_libraries)} from pip in this venv, loaded by '
+                                                f'chainer_compat ({", ".join(pip_libraries[:4])}{", ..." if len(pip_libraries) > 4 else ""})'
+                        if pip_libraries else 'none from pip: the system loader\'s (LD_LIBRARY_PATH, modules)', ''))
     runtime = cupy.cuda.runtime
     try:
         count = runtime.getDeviceCount()
@@ -228,10 +247,11 @@ def cupy_checks(device_id, require_gpu):
         checks.append(Check('cuDNN', 'ok', f'{cuda._cudnn_version}, enabled in Chainer', ''))
     elif os.environ.get('CHAINER_CUDNN') == '0':
         checks.append(Check('cuDNN', 'warn', 'switched off by CHAINER_CUDNN=0', 'unset CHAINER_CUDNN'))
+    elif major >= 14:
+        checks.append(Check('cuDNN', 'warn', f'none in CuPy {major}: {NO_CUDNN_COST}',
+                            '`make venv GPU=cuda12` (CuPy 13.6 with cuDNN 8) where the speed matters'))
     else:
-        checks.append(Check('cuDNN', 'FAIL', 'not found: Chainer falls back to im2col (conv1_2 alone needs ~4 GB '
-                                             'more at batch 36, and it is slower)',
-                            '`module load cudnn`, or `.venv/bin/pip install nvidia-cudnn-cu12` (CuPy 13 finds it)'))
+        checks.append(Check('cuDNN', 'FAIL', f'not found: {NO_CUDNN_COST}', INSTALL_CUDNN))
     return checks, device_id
 
 

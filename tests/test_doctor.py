@@ -4,12 +4,13 @@ import re
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import doctor
 from helperFunctions import device_from_arg
 
-LINES = ['Python', 'numpy', 'setuptools', 'Chainer', 'CPUs for this job', 'CPU convolution', 'free disk here',
+LINES = ['Python', 'numpy', 'setuptools', 'Chainer compatibility', 'Chainer', 'CPUs for this job', 'CPU convolution', 'free disk here',
          'HDF5 files here', 'video decoder', 'ffmpeg (encoding)', 'XVID with B-frames', 'CuPy', 'GPU run']
 
 
@@ -26,7 +27,7 @@ def test_cpu_machine_passes_with_every_line(capsys, tmp_path, monkeypatch):
     doctor.main([])
     rows, out = table(capsys)
     assert list(rows) == LINES, out
-    for name in LINES[:4] + ['HDF5 files here', 'video decoder', 'XVID with B-frames']:
+    for name in LINES[:5] + ['HDF5 files here', 'video decoder', 'XVID with B-frames']:
         assert rows[name][0] == 'ok', (name, rows[name])
     assert 'random access exact' in rows['XVID with B-frames'][1]
     assert rows['CuPy'][0] == 'skip' and rows['GPU run'][0] == 'skip'
@@ -41,7 +42,7 @@ def test_require_gpu_fails_without_one(capsys, monkeypatch):
     assert e.value.code == 1
     rows, out = table(capsys)
     assert rows['GPU run'][0] == 'FAIL' and rows['CuPy'][0] == 'FAIL'
-    assert 'pip install cupy-cuda12x==13.6.0' in out and 'NOT READY' in out
+    assert 'make venv GPU=cuda12' in out and 'make venv GPU=cuda13' in out and 'NOT READY' in out
 
 
 def fake_cupy(version, devices=1, driver=12040, runtime=12040, fail_runtime=False):
@@ -65,8 +66,12 @@ def fake_cupy(version, devices=1, driver=12040, runtime=12040, fail_runtime=Fals
     return types.SimpleNamespace(__version__=version, cuda=types.SimpleNamespace(runtime=runtime_api, Device=Device))
 
 
+NUMPY_2 = int(np.__version__.split('.')[0]) >= 2
+
+
 @pytest.mark.parametrize('cupy,expect', [
-    (fake_cupy('14.0.0'), {'CuPy': ('FAIL', 'needs numpy 2')}),
+    (fake_cupy('14.2.0'), {'CuPy': ('warn', 'without cuDNN'), 'cuDNN': ('warn', 'im2col')} if NUMPY_2 else
+     {'CuPy': ('FAIL', 'needs numpy 2')}),
     (fake_cupy('13.6.0', fail_runtime=True), {'CuPy': ('warn', 'CHAINER_WARN_VERSION_MISMATCH=0'),
                                               'CUDA': ('FAIL', 'no usable driver')}),
     (fake_cupy('13.6.0', driver=11080), {'CUDA': ('FAIL', 'runtime 12.4, driver supports up to 11.8')}),
@@ -83,7 +88,9 @@ def test_gpu_stack_verdicts(monkeypatch, cupy, expect):
         assert found[name].verdict == verdict and text in found[name].detail, found[name]
         assert verdict == 'ok' or found[name].fix
     if 'cuDNN' in expect:
-        assert 'module load cudnn' in found['cuDNN'].fix and device == 0
+        assert 'GPU=cuda12' in found['cuDNN'].fix and device == 0
+    if expect.get('cuDNN', ('',))[0] == 'FAIL':  # CuPy 13 without cuDNN: a module, or cuDNN 8 from pip
+        assert 'module load cudnn' in found['cuDNN'].fix and 'cuDNN 9' in found['cuDNN'].fix
 
 
 def test_failing_line_says_what_to_do_and_fails(capsys, monkeypatch):
