@@ -11,6 +11,7 @@ import argparse
 import csv
 import os
 import sys
+import zipfile
 
 import matplotlib
 import numpy as np
@@ -93,11 +94,31 @@ def save_results(path, clips, labels, scores, classes, **info):
                  **{k: np.array(v) for k, v in info.items()})
 
 
-def load_results(path):
+WRITERS = {'single frame': ('--single', 'singleFrameAccuracy.py'), 'lstm': ('--lstm', 'rnn.py')}
+RESULT_KEYS = ('clips', 'labels', 'scores', 'classes')
+
+
+def load_results(path, model=None):
+    """A results file as a dict; DataError for a file that is not one (truncated, text, another .npz) or that
+    holds another model's results than `model` ('single frame' or 'lstm') where given."""
     if not os.path.isfile(path):
         raise DataError(f'{path}: results file not found; singleFrameAccuracy.py and rnn.py write them')
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    try:
+        with np.load(path) as f:
+            results = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as e:  # text, .npy, cut short
+        raise DataError(f'{path}: not a readable results file ({type(e).__name__}: {str(e)[:120]}); rerun '
+                        'singleFrameAccuracy.py or rnn.py, which write it') from None
+    missing = [k for k in RESULT_KEYS if k not in results]
+    if missing:
+        raise DataError(f'{path} holds no {", ".join(missing)}: it is not a results file of singleFrameAccuracy.py '
+                        'or rnn.py')
+    held = str(results['model'][()]) if 'model' in results else None
+    if model and held and held != model:
+        flag, writer = WRITERS[model]
+        raise DataError(f'{path} holds the results of the {held} model, not of the {model} model: {flag} takes '
+                        f'the file that {writer} writes (were --single and --lstm swapped?)')
+    return results
 
 
 def results_provenance(single, lstm, single_path, lstm_path):
@@ -215,7 +236,7 @@ def main(argv=None):
     p.add_argument('--top', type=int, default=10, help='classes to list in each group')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        single, lstm = load_results(args.single), load_results(args.lstm)
+        single, lstm = load_results(args.single, 'single frame'), load_results(args.lstm, 'lstm')
         sources = results_provenance(single, lstm, args.single, args.lstm)
         os.makedirs(args.out, exist_ok=True)
         with atomic_path(os.path.join(args.out, 'provenance.json')) as tmp, open(tmp, 'w') as f:

@@ -210,8 +210,9 @@ def cupy_checks(device_id, require_gpu):
         return checks, None
     import chainer_compat
     pip_libraries = sorted(chainer_compat.PIP_CUDA_LIBRARIES)
+    shown = ', '.join(pip_libraries[:4]) + (', ...' if len(pip_libraries) > 4 else '')
     checks.append(Check('CUDA libraries', 'ok', f'{len(pip_libraries)} from pip in this venv, loaded by '
-                                                f'chainer_compat ({", ".join(pip_libraries[:4])}{", ..." if len(pip_libraries) > 4 else ""})'
+                                                f'chainer_compat ({shown})'
                         if pip_libraries else 'none from pip: the system loader\'s (LD_LIBRARY_PATH, modules)', ''))
     runtime = cupy.cuda.runtime
     try:

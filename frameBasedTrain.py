@@ -259,7 +259,8 @@ def make_trainer(args):
     snapshot_trigger = (args.snapshot_interval, 'iteration') if args.snapshot_interval else (1, 'epoch')
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=snapshot_trigger)
-    trainer.extend(stop_on_divergence(model, args.out))
+    trainer.extend(stop_on_divergence(model, args.out, len(classes),
+                                      ', or fewer layers that learn (--train-from fc7)'))
     # The frames' random stream is the training process's only with --loaderjob 0; loaders fork their own.
     trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
                              dict(order=order_stream, numpy=np.random, frames=train.rng)))

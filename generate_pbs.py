@@ -41,6 +41,12 @@ def launched(args, argv):
     return [*shlex.split(args.launcher), *shlex.split(args.python), *argv]
 
 
+# Flags of saveFeatures_1024.py that the generator itself sets in every job, and what to do instead.
+OWNED = {'shard': 'every job gets its own --shard (0 .. num-shards-1) from the generator; leave it out',
+         'num_shards': 'give --num-shards to generate_pbs.py itself (before --): it makes that many jobs',
+         'device': 'give --device to generate_pbs.py itself (before --)'}
+
+
 def extraction_argv(args, shard):
     """The command of one shard: saveFeatures_1024.py, the shard, and the pass-through arguments."""
     return launched(args, [SCRIPT, '--shard', str(shard), '--num-shards', str(args.num_shards), '--device',
@@ -193,6 +199,14 @@ def parse_args(argv=None):
     import saveFeatures_1024
     args.shard_args = saveFeatures_1024.parse_args(['--shard', '0', '--num-shards', str(args.num_shards),
                                                     '--device', args.device, *extra])
+    # The flags the generator sets for every job must not come after -- as well (the last one would win: every
+    # job would extract the same shard). Parsed as saveFeatures_1024.py would, abbreviations and -d included.
+    probe = saveFeatures_1024.make_parser()
+    probe.set_defaults(**{flag: None for flag in OWNED})
+    given = probe.parse_args(extra)
+    for flag, advice in OWNED.items():
+        if getattr(given, flag) is not None:
+            p.error(f'--{flag.replace("_", "-")} after --: {advice}')
     return args
 
 

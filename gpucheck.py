@@ -20,8 +20,8 @@ training step at the handout's size against PyTorch's (cuDNN) LSTM; the GPU memo
 Where a target is missed, the report says where the time goes (Chainer's time by function, and which stage of
 extraction is the slower).
 
-On a node without Chainer or PyAV (a lent machine with only numpy, CuPy and PyTorch), --bundle installs the
-bundle's wheels into gpu_bundle/site and restarts itself with them; nothing is downloaded.
+On a node without Chainer or PyAV (a lent machine with only numpy, CuPy and PyTorch), the bundle's wheels are
+installed into OUT/site (--site) and the check restarts itself with them; nothing is downloaded.
 """
 import argparse
 import glob
@@ -112,10 +112,10 @@ def download_wheels(folder, platform_tag=None):
                     *pinned[1:]], env=env, check=True)
 
 
-def ensure_packages(bundle):
-    """Installs what does not import here from the bundle's wheels into bundle/site, then restarts this process
-    with it on the path. Returns only when everything imports."""
-    site = os.path.abspath(os.path.join(bundle, 'site'))
+def ensure_packages(bundle, site):
+    """Installs what does not import here from the bundle's wheels into `site`, then restarts this process with
+    it on the path. Returns only when everything imports."""
+    site = os.path.abspath(site)
     if os.path.isdir(site) and site not in sys.path:
         sys.path.insert(0, site)
     if HERE not in sys.path:
@@ -550,7 +550,8 @@ def speed_extraction(dev, pipeline, decoders, network):
     return [dict(what=f'extraction end to end, {decoders} decoder threads', chainer=fps, unit='frames/s',
                  peak_gib=dev.peak_gib(), target=TARGETS['extraction_fps'] if pipeline.size is SIZES['full'] else None,
                  detail=f'{summary["complete"]} clips; decoding + preprocessing alone {decode:,.0f} frames/s, '
-                        f'the network alone (batch {network_batch}) {network_fps:,.0f}: {slower} is the slower stage')], out
+                        f'the network alone (batch {network_batch}) {network_fps:,.0f}: {slower} is the slower '
+                        'stage')], out
 
 
 def speed_lstm(dev, size, repeat):
@@ -810,6 +811,8 @@ def main(argv=None):
     p.add_argument('--small', action='store_true', help='small sizes (a CPU run in the test suite)')
     p.add_argument('--out', '-o', default='gpucheck', help='folder for report.md and report.json')
     p.add_argument('--work', default=None, help='scratch folder, emptied first (default: OUT/work)')
+    p.add_argument('--site', default=None, help="where the bundle's wheels are installed when needed (default: "
+                                                "OUT/site)")
     p.add_argument('--tolerance', type=float, default=1e-4, help='largest relative difference to the CPU')
     p.add_argument('--repeat', type=int, default=5, help='timed runs of each measurement (the best counts)')
     p.add_argument('--loaders', type=int, default=0, help='fine-tuning loader processes (default: CPUs - 2)')
@@ -830,7 +833,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(args.bundle, 'dataset')):
         raise SystemExit(f'gpucheck: no bundle at {args.bundle}/dataset; make it with `make gpu-bundle` (or '
                          f'`python gpucheck.py --make-bundle {args.bundle}`) and bring it along')
-    ensure_packages(args.bundle)
+    ensure_packages(args.bundle, args.site or os.path.join(args.out, 'site'))
     args.work = args.work or os.path.join(args.out, 'work')
     report = run(args)
     from helperFunctions import atomic_path

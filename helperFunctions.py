@@ -798,9 +798,14 @@ def save_npy_atomic(path, array):
 def exit_on_user_error():
     """Bad input, and output that cannot be written (full disk, quota, read-only or wrong folder), end the
     script with one line `error: ...` and exit status 1 instead of a traceback. Files are written atomically,
-    so nothing incomplete is left under a final name."""
+    so nothing incomplete is left under a final name. Ctrl-C ends it with one line too, and exit status 130."""
     try:
         yield
+    except KeyboardInterrupt:
+        print(f'\ninterrupted: {os.path.basename(sys.argv[0]) or "the step"} stopped (Ctrl-C); every file under its '
+              'final name is whole. Run the same command again to continue (training: add --resume auto to '
+              'continue from the last snapshot)', file=sys.stderr, flush=True)
+        sys.exit(130)
     except DataError as e:
         sys.exit(f'error: {e}')
     except OSError as e:
@@ -809,6 +814,23 @@ def exit_on_user_error():
         what = e.filename or 'output'
         sys.exit(f'error: {what}: {e.strerror or e} (errno {e.errno}). Check the path, free some space or choose '
                  'another output folder, then rerun; no incomplete file was kept under a final name.')
+
+
+def refuse_overwriting_inputs(inputs, outputs):
+    """DataError naming the flags if an output path is an input (or one output is another): no step may write over
+    what it reads. `inputs`, `outputs`: {flag: path}."""
+    def same(a, b):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # one of them does not exist (yet): compare where they would be
+            return os.path.realpath(a) == os.path.realpath(b)
+    named = list(outputs.items())
+    for i, (out_flag, out_path) in enumerate(named):
+        for in_flag, in_path in list(inputs.items()) + named[:i]:
+            if same(out_path, in_path):
+                raise DataError(f'{out_flag} {out_path} is also {in_flag}: writing it would destroy '
+                                f'{"an input" if (in_flag, in_path) in inputs.items() else "another output"} of '
+                                f'this step. Give {out_flag} another path')
 
 
 def usable_cpus():
@@ -1014,11 +1036,22 @@ class RunRecord:
                               float(serializer(f'{name}_gauss', None))))
 
 
-def stop_on_divergence(model, out):
+# A loss this many times that of guessing uniformly (ln of the classes) has exploded: a softmax loss of 100 ln C
+# gives the true class a probability of C^-100, which no run that learns passes through.
+EXPLODED = 100
+
+
+def stop_on_divergence(model, out, n_classes, remedies):
     """A trainer extension that stops the run, before any snapshot or model of NaN is written, when the loss or
-    a learning parameter stops being finite; the message says where, at which learning rate, and what to try."""
+    a learning parameter stops being finite, or the loss explodes (EXPLODED times that of guessing among
+    `n_classes`); the message says where, at which learning rate, and what to try (`remedies`: this script's
+    own flags)."""
+    import glob as globbing
+    import math
+
     import chainer
     import chainer.training
+    limit = EXPLODED * math.log(max(n_classes, 2))
 
     @chainer.training.make_extension(trigger=(1, 'iteration'), priority=chainer.training.PRIORITY_WRITER + 1)
     def check(trainer):
@@ -1028,6 +1061,9 @@ def stop_on_divergence(model, out):
             value = float(chainer.backends.cuda.to_cpu(chainer.as_array(loss)))
             if not np.isfinite(value):
                 problem = f'the loss is {value}'
+            elif value > limit:
+                problem = (f'the loss is {value:.3g}, over {EXPLODED} times that of guessing among {n_classes} '
+                           f'classes ({math.log(max(n_classes, 2)):.2f})')
         for name, param in model.namedparams():
             if problem:
                 break
@@ -1038,10 +1074,12 @@ def stop_on_divergence(model, out):
         if problem:
             optimizer = trainer.updater.get_optimizer('main')
             lr = getattr(optimizer, 'alpha', None) or optimizer.lr  # Adam: alpha is what --lr sets
+            snapshots = globbing.glob(os.path.join(out, 'snapshot_iter_*'))
+            kept = (f'the last snapshot, {os.path.join(out, os.path.basename(max(snapshots, key=os.path.getmtime)))}'
+                    f', stays' if snapshots else 'no snapshot had been written yet')
             raise DataError(f'training diverged at iteration {trainer.updater.iteration} (epoch '
                             f'{trainer.updater.epoch + 1}): {problem}, learning rate {lr:g}. No model was written; '
-                            f'the last good snapshot in {out}/ stays. Try a learning rate ten times lower '
-                            f'(--lr {lr / 10:g}), fewer layers that learn, or gradient clipping.')
+                            f'{kept}. Try a learning rate ten times lower (--lr {lr / 10:g}){remedies}.')
     return check
 
 

@@ -36,8 +36,9 @@ from chainer.training import extensions
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import (DataError, HelpFormatter, RunRecord, add_device_flag, add_resume_flag, atomic_path,
                              exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, provenance_text, rate_eta_extension, repeatSequence,
-                             resume_trainer, same_extraction, stop_on_divergence, usable_cpus, use_device)
+                             positive_float, positive_int, provenance_text, rate_eta_extension,
+                             refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
+                             stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -746,7 +747,8 @@ def make_trainer(args):
                                          'epoch', file_name='accuracy.png'))
     trainer.extend(extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2),
                    trigger=(1, 'epoch'))
-    trainer.extend(stop_on_divergence(model, args.out))
+    trainer.extend(stop_on_divergence(model, args.out, len(train.classes),
+                                      ', or gradient clipping (--grad-clip 5)'))
     trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
                              dict(order=order_stream, numpy=np.random, sequences=dataset.rng, lengths=updater.rng)))
     resume_trainer(trainer, args.out, args.resume)
@@ -756,6 +758,8 @@ def make_trainer(args):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
+        refuse_overwriting_inputs({'--train': args.train, '--test': args.test},
+                                  {'--model-out': args.model_out, '--results': args.results})
         trainer, model, test, tester = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already
@@ -774,6 +778,8 @@ def main(argv=None):
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')
+    print(f'wrote {args.model_out} (the weights) and {args.results} ({len(test.labels)} test clips scored by '
+          f'[{args.inference[0]}], for confusion.py); log and curves in {args.out}/', file=sys.stderr)
     return final, trainer.observation
 
 

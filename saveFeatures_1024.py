@@ -228,7 +228,7 @@ def extract_shard(args):
     return summary
 
 
-def parse_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_flags(p)
     p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
@@ -248,6 +248,11 @@ def parse_args(argv=None):
     p.add_argument('--allow-other-split', action='store_true',
                    help='extract with a model fine-tuned on another split (its training clips include test clips '
                         'of this split: every accuracy comes out inflated)')
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if not 0 <= args.shard < args.num_shards:
         p.error(f'--shard must be in 0..{args.num_shards - 1}')

@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 
 from confusion import report_model, save_results
-from helperFunctions import DataError, HelpFormatter, exit_on_user_error, make_provenance, provenance_text
+from helperFunctions import (DataError, HelpFormatter, exit_on_user_error, make_provenance, provenance_text,
+                             refuse_overwriting_inputs)
 from packed_hdf5 import file_provenance, read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
@@ -43,6 +44,7 @@ def main(argv=None):
     p.add_argument('--out', '-o', default='report', help='folder for the confusion matrix and tables')
     args = p.parse_args(argv)
     with exit_on_user_error():
+        refuse_overwriting_inputs({'--predictions': args.predictions}, {'--results': args.results})
         clips, labels, scores, classes, split, source = clip_scores(args.predictions)
         save_results(args.results, clips, labels, scores, classes, split=split, model='single frame',
                      provenance=provenance_text(make_provenance('singleFrameAccuracy.py', input=source)))

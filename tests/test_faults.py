@@ -93,6 +93,34 @@ RNG = np.random.RandomState(int(os.environ.get('FAULT_SEED', '12345')))
 # Kills
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('step', ['saveFeatures_1024.py', 'frameBasedTrain.py'])
+def test_ctrl_c_is_one_line(step, tiny_ucf, tiny_model, small_vgg, tmp_path):
+    """Ctrl-C at a terminal interrupts the whole process group (the step and its loader processes)."""
+    root, _ = tiny_ucf
+    if step == 'saveFeatures_1024.py':
+        args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+        started = lambda: (tmp_path / 'UCF-101_features').exists()  # noqa: E731
+    else:
+        args = ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist'),
+                '--vgg', small_vgg, '--out', str(tmp_path), '--model-out', str(tmp_path / 'VGG_1024.model'),
+                '--feature-size', '8', '--batchsize', '15', '--epoch', '50', '--loaderjob', '2']
+        started = lambda: (tmp_path / 'log').exists() or b'iteration' in (tmp_path / 'err').read_bytes()  # noqa
+    with open(tmp_path / 'err', 'wb') as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, step), *args], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not started():
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    stderr = (tmp_path / 'err').read_text()
+    assert code == 130 and 'Traceback' not in stderr, stderr[-2000:]
+    line = [l for l in stderr.splitlines() if l.startswith('interrupted:')]
+    assert line and 'Run the same command again' in line[0]
+    record('Ctrl-C', 'SIGINT to the step and its loader processes', step, f'exit {code}, one line: "{line[0][:90]}..."')
+
+
 @pytest.mark.parametrize('attempt', [0, 1])
 def test_kill_extraction(attempt, tiny_ucf, tiny_model, extracted, tmp_path):
     args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
@@ -445,6 +473,39 @@ def test_hdf5_of_another_split(reference_packed, tmp_path):
     record('bad input', 'test HDF5 from another split', 'rnn.py', f'exit 1: {line}')
 
 
+@pytest.mark.parametrize('script,flags', [
+    ('normalizeData.py', ('--train-out', '--train')), ('normalizeData.py', ('--stats', '--test')),
+    ('normalizeData.py', ('--test-out', '--train-out')), ('rnn.py', ('--results', '--test')),
+    ('rnn.py', ('--model-out', '--train')), ('singleFrameAccuracy.py', ('--results', '--predictions'))])
+def test_no_step_writes_over_its_inputs(script, flags, reference_packed, tmp_path):
+    """An output flag given an input's path (or another output's): refused before anything is read or written."""
+    work = tmp_path / 'work'
+    shutil.copytree(reference_packed, work)
+    args = {'normalizeData.py': {'--train': 'train1024.hdf5', '--test': 'test1024.hdf5',
+                                 '--train-out': 'a_norm.hdf5', '--test-out': 'b_norm.hdf5', '--stats': 's.npz'},
+            'rnn.py': {'--train': 'train1024_norm.hdf5', '--test': 'test1024_norm.hdf5', '--epoch': '1',
+                       '--model-out': 'rnn.model', '--results': 'r.npz', '--out': 'r'},
+            'singleFrameAccuracy.py': {'--predictions': 'testPredictions1024.hdf5', '--results': 'r.npz'}}[script]
+    output, victim = flags
+    args[output] = args[victim]
+    before = {p: (work / p).read_bytes() for p in os.listdir(work) if (work / p).is_file()}
+    result = run(script, *[x for kv in args.items() for x in kv], cwd=str(work))
+    line = error_line(result)
+    assert result.returncode == 1 and f'{output} {args[victim]} is also {victim}' in line, result.stderr[-800:]
+    assert {p: (work / p).read_bytes() for p in before} == before
+    record('bad input', f'{output} given the path of {victim}', script, f'exit 1: {line}; every input intact')
+
+
+@pytest.mark.parametrize('extra', [['--shard', '3'], ['--shard=3'], ['--sh', '3'], ['--num-shards', '4'],
+                                   ['-d', '1']])
+def test_generator_refuses_the_flags_it_sets(extra, tmp_path):
+    """`generate_pbs.py -- --shard 3` made every job extract shard 3 (the last --shard wins), and exited 0."""
+    result = run('generate_pbs.py', '--scheduler', 'local', '--dry-run', '--', *extra, cwd=str(tmp_path))
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and 'after --:' in line and 'saveFeatures_1024.py --shard' not in result.stdout
+    record('bad input', f'generate_pbs.py -- {" ".join(extra)}', 'generate_pbs.py', f'exit 2: {line}')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Numbers
 # ----------------------------------------------------------------------------------------------------------
@@ -623,12 +684,12 @@ def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def results_file(path, tag):
+def results_file(path, tag, model=None):
     from confusion import save_results
     from helperFunctions import make_provenance, provenance_text
     extraction = make_provenance('saveFeatures_1024.py', tag=tag, split=1, model={'digest': tag, 'split': 1})
     save_results(str(path), ['A/v_A_g01_c01', 'B/v_B_g01_c01', 'C/v_C_g01_c01'], [0, 1, 2], np.eye(3),
-                 ['A', 'B', 'C'], split=1,
+                 ['A', 'B', 'C'], split=1, **({'model': model} if model else {}),
                  provenance=provenance_text(make_provenance('x', input=make_provenance('save_hdf5.py',
                                                                                        extraction=extraction))))
     return str(path)
@@ -646,6 +707,26 @@ def test_comparison_of_different_extractions_is_refused(tmp_path):
     assert result.returncode == 0, result.stderr
     chain = json.loads((tmp_path / 'report' / 'provenance.json').read_text())
     assert chain['lstm']['input']['extraction']['tag'] == 'aaaa'
+
+
+def test_swapped_or_broken_results_are_refused(tmp_path):
+    single, lstm = results_file(tmp_path / 's.npz', 'aaaa', 'single frame'), results_file(tmp_path / 'l.npz', 'aaaa',
+                                                                                          'lstm')
+    result = run('confusion.py', '--single', lstm, '--lstm', single, '--out', str(tmp_path / 'report'))
+    line = error_line(result)
+    assert result.returncode == 1 and 'holds the results of the lstm model' in line and 'swapped' in line
+    assert not (tmp_path / 'report').exists()
+    record('bad input', 'confusion.py with --single and --lstm swapped', 'confusion.py', f'exit 1: {line[:170]}...')
+    whole = open(lstm, 'rb').read()
+    for name, content in (('cut.npz', whole[:len(whole) // 2]), ('text.npz', b'accuracy 0.67\n')):
+        (tmp_path / name).write_bytes(content)
+        result = run('confusion.py', '--single', single, '--lstm', str(tmp_path / name), '--out', str(tmp_path / 'r'))
+        line = error_line(result)
+        assert result.returncode == 1 and 'not a readable results file' in line and 'Traceback' not in result.stderr
+        record('bad input', f'a {"truncated" if name == "cut.npz" else "text"} results file', 'confusion.py',
+               f'exit 1: {line[:150]}...')
+    result = run('confusion.py', '--single', single, '--lstm', lstm, '--out', str(tmp_path / 'report'))
+    assert result.returncode == 0, result.stderr
 
 
 def test_normalising_features_of_two_extractions_is_refused(tmp_path):
@@ -682,15 +763,18 @@ def test_divergence_stops_fine_tuning(tiny_ucf, small_vgg, tmp_path):
            f'exit 1: {line[:170]}...; no model written, earlier snapshots finite')
 
 
-def test_divergence_stops_lstm_training(reference_packed, tmp_path):
+@pytest.mark.parametrize('lr,what', [('1e38', 'the loss is'), ('1e30', 'times that of guessing among')])
+def test_divergence_stops_lstm_training(lr, what, reference_packed, tmp_path):
+    """At 1e38 the loss goes NaN; at 1e30 it stays finite, ~1e29 every epoch (it used to train on, exit 0)."""
     result = run('rnn.py', '--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
                  str(reference_packed / 'test1024_norm.hdf5'), '--out', str(tmp_path), '--model-out',
                  str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz'), '--hidden', '8', '--fc', '8',
-                 '--seqlen', '12', '--bptt', '4', '--epoch', '3', '--optimizer', 'sgd', '--lr', '1e38')
+                 '--seqlen', '12', '--bptt', '4', '--epoch', '3', '--optimizer', 'sgd', '--lr', lr)
     line = error_line(result)
-    assert result.returncode == 1 and 'training diverged at iteration' in line, result.stderr
+    assert result.returncode == 1 and 'training diverged at iteration' in line and what in line, result.stderr
+    assert 'no snapshot had been written yet' in line and '--grad-clip' in line
     assert not (tmp_path / 'rnn.model').exists() and not (tmp_path / 'r.npz').exists()
-    record('divergence', 'LSTM training at --lr 1e38 (SGD)', 'rnn.py', f'exit 1: {line[:150]}...; nothing written')
+    record('divergence', f'LSTM training at --lr {lr} (SGD)', 'rnn.py', f'exit 1: {line[:200]}...; nothing written')
 
 
 @pytest.mark.parametrize('script,args,flag', [
