@@ -264,6 +264,7 @@ def gpu_step_checks(device, batch, repeat, sync, memory_used, insize=224, widths
     import chainer
     import VGGNet
     import VGGNet_1024
+    from helperFunctions import best_time
     shape = dict(insize=insize, widths=widths or VGGNet.WIDTHS)
     np.random.seed(0)
     cpu_model = VGGNet_1024.VGGNet_1024(101, train_from='conv1_1', dropout=0.0, **shape)
@@ -290,15 +291,7 @@ def gpu_step_checks(device, batch, repeat, sync, memory_used, insize=224, widths
                         'the GPU computes something else than the CPU: check the CuPy/CUDA versions above'))
 
     def timed(function):
-        function()
-        sync()
-        best = float('inf')
-        for _ in range(repeat):
-            start = time.perf_counter()
-            function()
-            sync()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_time(function, sync, repeat)
 
     np.random.seed(0)
     model = VGGNet_1024.VGGNet_1024(101, **shape)

@@ -451,28 +451,17 @@ def check_rnn(dev, pipeline, extraction, tolerance):
 # Speed
 # ----------------------------------------------------------------------------------------------------------
 
-def timed(function, sync, repeat):
-    """Best wall time of `repeat` runs after a warm-up, each waited for on the device."""
-    function()
-    sync()
-    best = float('inf')
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def speed_vgg(dev, size, repeat):
     import chainer
+
+    from helperFunctions import best_time
     rows, breakdown = [], None
     model = vgg_model(size, device_conv(dev))
     model.to_device(dev.device)
     for batch in size['vgg_batches']:
         dev.reset_peak()
         x = dev.device.send(frames(size, batch, 3))
-        seconds = timed(lambda: model.predict(x), dev.sync, repeat)
+        seconds = best_time(lambda: model.predict(x), dev.sync, repeat)
         rows.append(dict(what=f'VGG16 forward, batch {batch}', chainer=batch / seconds, unit='frames/s',
                          peak_gib=dev.peak_gib()))
         if breakdown is None:  # where the time goes, at the first batch size
@@ -555,9 +544,10 @@ def speed_extraction(dev, pipeline, decoders, network):
 
 
 def speed_lstm(dev, size, repeat):
+    from helperFunctions import best_time
     dev.reset_peak()
     model, observation, step = lstm_update(dev, size)
-    seconds = timed(step, dev.sync, repeat)
+    seconds = best_time(step, dev.sync, repeat)
     batch, steps, n_in, hidden, bptt = size['lstm']
     return [dict(what=f'LSTM training step, {batch} x {steps} x {n_in} -> {hidden}, BPTT {bptt}, Adam',
                  chainer=seconds * 1000, unit='ms', peak_gib=dev.peak_gib(), lower_is_better=True)]

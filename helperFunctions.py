@@ -816,6 +816,19 @@ def exit_on_user_error():
                  'another output folder, then rerun; no incomplete file was kept under a final name.')
 
 
+def best_time(function, sync, repeat):
+    """Best wall time of `repeat` calls after a warm-up, each waited for (`sync`: the device's synchronisation)."""
+    function()
+    sync()
+    best = float('inf')
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def refuse_overwriting_inputs(inputs, outputs):
     """DataError naming the flags if an output path is an input (or one output is another): no step may write over
     what it reads. `inputs`, `outputs`: {flag: path}."""
