@@ -22,7 +22,7 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, HelpFormatter, Progress, RunRecord, VideoError,
+from helperFunctions import (DataError, NO_AUGMENTATION, HelpFormatter, PlainLines, Progress, RunRecord, VideoError,
                              add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk,
                              exit_on_user_error, fraction, frame_bytes, make_provenance, nonnegative_float,
                              nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
@@ -250,7 +250,7 @@ def make_trainer(args):
     entries = ['epoch', 'iteration', 'main/loss', 'main/accuracy', 'validation/main/loss',
                'validation/main/accuracy', 'lr', 'elapsed_time']
     trainer.extend(extensions.observe_lr(), trigger=log_interval)
-    trainer.extend(extensions.PrintReport(entries), trigger=log_interval)
+    trainer.extend(extensions.PrintReport(entries, out=PlainLines()), trigger=log_interval)
     trainer.extend(rate_eta_extension(iterations, args.batchsize, 'frames', log_interval))
     trainer.extend(extensions.PlotReport(['main/loss', 'validation/main/loss'], 'iteration', log_interval,
                                          file_name='loss.png'))

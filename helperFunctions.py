@@ -816,6 +816,23 @@ def exit_on_user_error():
                  'another output folder, then rerun; no incomplete file was kept under a final name.')
 
 
+class PlainLines:
+    """Standard output for Chainer's PrintReport: its terminal control (ESC[J, erase to the end of the screen,
+    before each line) only where the output is a terminal; a batch job's log file gets plain lines."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def write(self, text):
+        if not self.stream.isatty():
+            text = text.replace('\033[J', '')
+        if text:
+            self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
 def best_time(function, sync, repeat):
     """Best wall time of `repeat` calls after a warm-up, each waited for (`sync`: the device's synchronisation)."""
     function()

@@ -34,9 +34,9 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
-from helperFunctions import (DataError, HelpFormatter, RunRecord, add_device_flag, add_resume_flag, atomic_path,
-                             exit_on_user_error, fraction, make_provenance, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, provenance_text, rate_eta_extension,
+from helperFunctions import (DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag, add_resume_flag,
+                             atomic_path, exit_on_user_error, fraction, make_provenance, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, provenance_text, rate_eta_extension,
                              refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
                              stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
@@ -735,7 +735,7 @@ def make_trainer(args):
     first = args.inference[0]
     trainer.extend(extensions.PrintReport(['epoch', 'iteration', 'main/loss', 'main/accuracy',
                                            f'test/{first}/top1', f'test/{first}/top5', f'test/{first}/top10',
-                                           'elapsed_time']))
+                                           'elapsed_time'], out=PlainLines()))
     per_epoch = -(-len(train) // args.batchsize)
     iterations = min(args.epoch * per_epoch, args.max_iterations or args.epoch * per_epoch)
 

@@ -157,6 +157,7 @@ def test_kill_fine_tuning(tiny_ucf, small_vgg, tmp_path):
     assert result.returncode == 0, result.stderr
     resumed = [l for l in result.stderr.splitlines() if l.startswith('resumed from')]
     assert resumed and (tmp_path / 'VGG_1024.model').exists()
+    assert '\x1b' not in result.stdout  # plain lines in a job's log
     import VGGNet_1024
     VGGNet_1024.load_model(str(tmp_path / 'VGG_1024.model'))
     record('kill -9', f'fine-tuning killed after snapshot {snapshots[-1] if snapshots else "-"}', 'frameBasedTrain.py',
@@ -242,6 +243,7 @@ def test_kill_lstm_training(reference_packed, tmp_path):
     assert result.returncode == 0, result.stderr
     resumed = [l for l in result.stderr.splitlines() if l.startswith('resumed from')]
     assert resumed and 'epoch 6 test [full]' in result.stdout
+    assert '\x1b' not in result.stdout  # a batch job's log: plain lines, no terminal control
     assert (tmp_path / 'lstm_results.npz').exists() and (tmp_path / 'rnn.model').exists()
     record('kill -9', 'LSTM training killed after its first snapshot', 'rnn.py',
            f'{"killed mid-run" if killed else "finished first"}; rerun with --resume auto: "{resumed[0]}"; '

@@ -93,3 +93,20 @@ def test_resume_from_missing_snapshot_fails_clearly(tiny_ucf, small_vgg, tmp_pat
 def test_vgg_model_of_other_size_is_refused(tiny_ucf, small_vgg, tmp_path):
     with pytest.raises(SystemExit, match='its fc6 is for 32x32 inputs, but --insize is 64'):
         frameBasedTrain.main(train_args(tiny_ucf, small_vgg, tmp_path, '--insize', '64'))
+
+
+def test_print_report_writes_plain_lines_into_files():
+    """Chainer's PrintReport erases the screen (ESC[J) before every line: right at a terminal, noise in a batch
+    job's log file."""
+    import io
+
+    from helperFunctions import PlainLines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for stream, kept in ((io.StringIO(), False), (Terminal(), True)):
+        out = PlainLines(stream)
+        out.write('\033[J')
+        out.write('1  0.5\n')
+        assert stream.getvalue() == ('\033[J' if kept else '') + '1  0.5\n'
