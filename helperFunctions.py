@@ -802,6 +802,8 @@ def exit_on_user_error():
     try:
         yield
     except KeyboardInterrupt:
+        # What Ctrl-C cut short (a half-read .npz, say) may complain from its destructor at exit: noise now.
+        sys.unraisablehook = lambda unraisable: None
         print(f'\ninterrupted: {os.path.basename(sys.argv[0]) or "the step"} stopped (Ctrl-C); every file under its '
               'final name is whole. Run the same command again to continue (training: add --resume auto to '
               'continue from the last snapshot)', file=sys.stderr, flush=True)
