@@ -20,7 +20,7 @@ import numpy as np
 
 import fast_conv
 from helperFunctions import (DataError, array_digest, atomic_path, exit_on_user_error, make_provenance,
-                             parse_provenance, provenance_text)
+                             parse_provenance, positive_int, provenance_text)
 
 CONV_LAYERS = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
@@ -416,17 +416,22 @@ def convert(source, out, kind):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()  # one is needed: checked after parsing, so a typo is named first
     source.add_argument('--from-caffemodel', metavar='FILE', help="Caffe's VGG_ILSVRC_16_layers.caffemodel")
     source.add_argument('--from-npz', metavar='FILE', help="chainer.links.VGG16Layers' converted npz")
     source.add_argument('--random', action='store_true', help='random weights, labelled as such (demo only)')
     p.add_argument('--out', '-o', default='VGG.model')
-    p.add_argument('--insize', type=int, default=224, help='input side for --random (multiple of 32)')
-    p.add_argument('--widths', type=int, nargs=5, default=WIDTHS, help='channels per block for --random '
+    p.add_argument('--insize', type=positive_int, default=224, help='input side for --random (multiple of 32)')
+    p.add_argument('--widths', type=positive_int, nargs=5, default=WIDTHS, help='channels per block for --random '
                    '(narrower than VGG16 makes a fast demo network of the same shape)')
-    p.add_argument('--fc-size', type=int, default=4096, help='fc6/fc7 width for --random')
+    p.add_argument('--fc-size', type=positive_int, default=4096, help='fc6/fc7 width for --random')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
+    if not (args.from_caffemodel or args.from_npz or args.random):
+        p.error('say where the weights come from: --from-caffemodel FILE, --from-npz FILE or --random')
+    if args.insize % 32:
+        p.error(f'--insize {args.insize} is not a multiple of 32 (five 2x2 poolings halve it): try '
+                f'{max(32, round(args.insize / 32) * 32)}')
     with exit_on_user_error():
         if args.random:
             np.random.seed(args.seed)
@@ -439,7 +444,8 @@ def main(argv=None):
         else:
             kind, source = ('caffe', args.from_caffemodel) if args.from_caffemodel else ('npz', args.from_npz)
             insize, _, _, n_classes = convert(source, args.out, kind)
-    print(f'wrote {args.out}: VGG16 for {insize}x{insize} inputs, {n_classes} classes', file=sys.stderr)
+    what = 'RANDOM VGG16 weights (for a demo or a check; meaningless for real results)' if args.random else 'VGG16'
+    print(f'wrote {args.out}: {what} for {insize}x{insize} inputs, {n_classes} classes', file=sys.stderr)
 
 
 if __name__ == '__main__':

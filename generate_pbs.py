@@ -21,6 +21,7 @@ PBS_ARRAYID are empty: they fall back to SLURM_SUBMIT_DIR and SLURM_ARRAY_TASK_I
 """
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -45,6 +46,13 @@ def launched(args, argv):
 OWNED = {'shard': 'every job gets its own --shard (0 .. num-shards-1) from the generator; leave it out',
          'num_shards': 'give --num-shards to generate_pbs.py itself (before --): it makes that many jobs',
          'device': 'give --device to generate_pbs.py itself (before --)'}
+
+
+def walltime(text):
+    """--walltime as PBS and Slurm both take it: HH:MM:SS (hours may exceed 24), or D-HH:MM:SS for Slurm."""
+    if not re.fullmatch(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', text.strip()):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a walltime of the form HH:MM:SS (e.g. 02:30:00)')
+    return text.strip()
 
 
 def extraction_argv(args, shard):
@@ -141,6 +149,7 @@ def run_local(args):
                 del running[shard]
                 with open(log.name) as f:
                     last = (f.read().strip().splitlines() or ['(no output)'])[-1]
+                last = last.split(': ', 1)[-1] if last.startswith(f'shard {shard} done:') else last
                 print(f'[{time.time() - start:6.0f}s] shard {shard} of {args.num_shards} '
                       f'{"finished" if proc.returncode == 0 else f"FAILED ({proc.returncode})"}: {last}', flush=True)
                 if proc.returncode:
@@ -161,7 +170,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scheduler', default='pbs', choices=('pbs', 'slurm', 'local'))
     p.add_argument('--num-shards', type=positive_int, default=12)
-    p.add_argument('--walltime', default='02:30:00')
+    p.add_argument('--walltime', default='02:30:00', type=walltime,
+                   help='per job, [D-]HH:MM:SS (PBS and Slurm both read it)')
     p.add_argument('--name', default='saveFeatures', help='job name and log file prefix')
     p.add_argument('--script-dir', default='jobs', help='where the job scripts are written')
     p.add_argument('--log-dir', default='jobs', help='where the jobs write their output')

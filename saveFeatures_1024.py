@@ -98,7 +98,7 @@ class FailureLog:
 
     def save(self):
         with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, FAILURE_FIELDS, delimiter='\t')
+            writer = csv.DictWriter(f, FAILURE_FIELDS, delimiter='\t', lineterminator='\n')
             writer.writeheader()
             writer.writerows(sorted(self.rows.values(), key=lambda r: r['clip']))
 

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from helperFunctions import atomic_path, usable_cpus, video_info
+from helperFunctions import atomic_path, nonnegative_int, positive_int, usable_cpus, video_info
 
 # (direction -1, direction +1): the second member's motion runs forward through the cycle, the first backward.
 MOTIONS = [('SlideLeft', 'SlideRight'), ('Shrink', 'Grow'), ('SpinCounterClockwise', 'SpinClockwise'),
@@ -175,22 +175,31 @@ def make_dataset(out, n_classes=8, n_pairs=None, groups=25, clips_per_group=(1, 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', '-o', default='synthetic', help='folder to write UCF-101/ and ucfTrainTestlist/ into')
-    p.add_argument('--classes', type=int, default=8, help='number of classes')
-    p.add_argument('--pairs', type=int, default=None, help='motion pairs among them (default: classes // 4)')
-    p.add_argument('--groups', type=int, default=25, help='groups per class (UCF-101 has 25)')
-    p.add_argument('--clips-per-group', type=int, nargs=2, default=(1, 2), metavar=('MIN', 'MAX'))
-    p.add_argument('--frames', type=int, nargs=2, default=(40, 160), metavar=('MIN', 'MAX'),
+    p.add_argument('--classes', type=positive_int, default=8, help='number of classes')
+    p.add_argument('--pairs', type=nonnegative_int, default=None,
+                   help='motion pairs among them (default: classes // 4)')
+    p.add_argument('--groups', type=positive_int, default=25, help='groups per class (UCF-101 has 25)')
+    p.add_argument('--clips-per-group', type=positive_int, nargs=2, default=(1, 2), metavar=('MIN', 'MAX'))
+    p.add_argument('--frames', type=positive_int, nargs=2, default=(40, 160), metavar=('MIN', 'MAX'),
                    help='clip length range in frames (some below the 120 of an LSTM sequence)')
-    p.add_argument('--width', type=int, default=320)
-    p.add_argument('--height', type=int, default=240)
+    p.add_argument('--width', type=positive_int, default=320)
+    p.add_argument('--height', type=positive_int, default=240)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--jobs', '-j', type=int, default=None,
+    p.add_argument('--jobs', '-j', type=positive_int, default=None,
                    help='encoding processes (default: the cores this process may use)')
     p.add_argument('--codec', default='mixed', choices=('mixed', *CODECS),
                    help='libxvid: packed B-frames; mpeg4: unpacked B-frames; mixed: both, clip by clip')
     args = p.parse_args(argv)
     if args.groups < 21:
         p.error('--groups must be at least 21: the three splits test groups 1-7, 8-14 and 15-21')
+    for flag, (low, high) in (('--frames', args.frames), ('--clips-per-group', args.clips_per_group)):
+        if low > high:
+            p.error(f'{flag} {low} {high}: MIN is above MAX')
+    if args.width % 2 or args.height % 2 or min(args.width, args.height) < 16:
+        p.error(f'--width {args.width} --height {args.height}: XVID needs even sizes of at least 16')
+    if (args.pairs or 0) > len(MOTIONS) or (args.pairs or 0) * 2 > args.classes:
+        p.error(f'--pairs {args.pairs}: at most {len(MOTIONS)} motion pairs, two classes each, within --classes '
+                f'{args.classes}')
     written = make_dataset(args.out, args.classes, args.pairs, args.groups, tuple(args.clips_per_group),
                            tuple(args.frames), args.width, args.height, args.seed, args.jobs, args.codec)
     print(f'wrote {len(written)} clips ({sum(written.values())} frames) of {args.classes} classes to '

@@ -790,6 +790,16 @@ def test_divergence_stops_lstm_training(lr, what, reference_packed, tmp_path):
     ('generate_pbs.py', ['--dry-run', '--', '--split', '4'], '--split'),
     ('generate_pbs.py', ['--dry-run', '--num-shards', '0'], '--num-shards'),
     ('generate_pbs.py', ['--dry-run', '--', '-b', '0'], '--batchsize'),
+    ('generate_pbs.py', ['--dry-run', '--walltime', 'two hours'], '--walltime'),
+    ('VGGNet.py', ['--random', '--insize', '0'], '--insize'),
+    ('VGGNet.py', ['--random', '--insize', '-32'], '--insize'),
+    ('VGGNet.py', ['--random', '--insize', '33'], '--insize'),
+    ('VGGNet.py', ['--random', '--fc-size', '0'], '--fc-size'),
+    ('VGGNet.py', ['--random', '--widths', '0', '0', '0', '0', '0'], '--widths'),
+    ('VGGNet.py', ['--bogus-flag', '3'], '--bogus-flag'),
+    ('synthetic_ucf101.py', ['--classes', '0'], '--classes'),
+    ('synthetic_ucf101.py', ['--frames', '0', '0'], '--frames'),
+    ('synthetic_ucf101.py', ['--frames', '9', '3'], '--frames'),
 ])
 def test_bad_numbers_are_refused_at_parse_time(script, args, flag, tmp_path):
     result = run(script, *args, cwd=str(tmp_path))
