@@ -38,6 +38,13 @@ ENCODINGS = {
     'h264-mov': ('m.mov', X264_B),
     'one-frame': ('n.avi', ['-frames:v', '1', '-c:v', 'mpeg4', '-vtag', 'XVID', '-bf', '2']),
     'three-frames': ('o.mp4', ['-frames:v', '3', *X264_B]),
+    # odd sizes: the chroma planes are resampled to make RGB, so the scaler's filter decides every value
+    'ffv1-odd-321x241-mkv': ('q.mkv', ['-vf', 'scale=321:241', '-frames:v', '12', '-c:v', 'ffv1']),
+    'vp9-odd-175x143-webm': ('r.webm', ['-vf', 'scale=175:143', '-c:v', 'libvpx-vp9', '-deadline', 'realtime',
+                                        '-cpu-used', '8', '-g', '10']),
+    'mjpeg-odd-97x73-avi': ('s.avi', ['-vf', 'scale=97:73', '-c:v', 'mjpeg']),
+    'xvid-odd-175x143-avi': ('t.avi', ['-vf', 'scale=175:143', '-c:v', 'mpeg4', '-vtag', 'XVID', '-bf', '2',
+                                       '-g', '12']),
 }
 TRUNCATED = {  # name: (intact encoding, fraction of the bytes kept)
     'xvid-packed-cut': ('xvid-packed-bframes', 0.6),
@@ -118,16 +125,17 @@ def test_preprocessing_works_in_a_forked_loader_after_the_parent_used_it(clips):
     """Fine-tuning's loader processes are forked from a process that may have preprocessed frames already: the
     child must not inherit a scaler whose worker threads did not come along (it would wait forever)."""
     import multiprocessing
-    frame = hf.read_video_frames(clips['xvid-packed-bframes'])[0]
-    want = hf.preprocess_frame(frame, 40)
+    frame, odd = (hf.read_video_frames(clips[name])[0] for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
+    want = hf.preprocess_frame(frame, 40), hf.preprocess_frame(odd, 40)  # the scaler, and the odd sizes' graph
     queue = multiprocessing.get_context('fork').SimpleQueue()
-    child = multiprocessing.get_context('fork').Process(target=lambda: queue.put(hf.preprocess_frame(frame, 40)))
+    child = multiprocessing.get_context('fork').Process(
+        target=lambda: queue.put((hf.preprocess_frame(frame, 40), hf.preprocess_frame(odd, 40))))
     child.start()
     child.join(30)
     hung = child.is_alive()
     if hung:
         child.kill()
-    assert not hung and child.exitcode == 0 and np.array_equal(queue.get(), want)
+    assert not hung and child.exitcode == 0 and all(np.array_equal(a, b) for a, b in zip(queue.get(), want))
 
 
 @pytest.mark.parametrize('size', ['320x240', '340x256'])
@@ -174,7 +182,7 @@ def test_intact_clips_claim_what_they_hold(clips, name):
     decoded = len(hf.read_frames(clips[name]))
     assert not info.truncated and info.frames == info.stored == decoded, (name, info.frames, decoded)
     expected = {'one-frame': 1, 'three-frames': 3, 'xvid-packed-bframes': 48, 'xvid-mp3-audio-longer': 48,
-                'vfr-mkv': None}.get(name, 50)
+                'vfr-mkv': None, 'ffv1-odd-321x241-mkv': 12}.get(name, 50)
     assert expected is None or decoded == expected, (name, decoded)
 
 
