@@ -38,6 +38,8 @@ ENCODINGS = {
     'h264-mov': ('m.mov', X264_B),
     'one-frame': ('n.avi', ['-frames:v', '1', '-c:v', 'mpeg4', '-vtag', 'XVID', '-bf', '2']),
     'three-frames': ('o.mp4', ['-frames:v', '3', *X264_B]),
+    # B-frames muxed without composition offsets (a stream copy that lost them): every pts equals its dts
+    'h264-pts-equal-dts-mp4': ('u.mp4', [*X264_B, '-bsf:v', 'setts=pts=DTS']),
     # odd sizes: the chroma planes are resampled to make RGB, so the scaler's filter decides every value
     'ffv1-odd-321x241-mkv': ('q.mkv', ['-vf', 'scale=321:241', '-frames:v', '12', '-c:v', 'ffv1']),
     'vp9-odd-175x143-webm': ('r.webm', ['-vf', 'scale=175:143', '-c:v', 'libvpx-vp9', '-deadline', 'realtime',
@@ -182,7 +184,7 @@ def test_intact_clips_claim_what_they_hold(clips, name):
     decoded = len(hf.read_frames(clips[name]))
     assert not info.truncated and info.frames == info.stored == decoded, (name, info.frames, decoded)
     expected = {'one-frame': 1, 'three-frames': 3, 'xvid-packed-bframes': 48, 'xvid-mp3-audio-longer': 48,
-                'vfr-mkv': None, 'ffv1-odd-321x241-mkv': 12}.get(name, 50)
+                'vfr-mkv': None, 'ffv1-odd-321x241-mkv': 12, 'h264-pts-equal-dts-mp4': 48}.get(name, 50)
     assert expected is None or decoded == expected, (name, decoded)
 
 
