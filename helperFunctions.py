@@ -765,6 +765,31 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
+def exclusive_lock(path, what):
+    """Hold an exclusive lock on `path` (created if needed) for the duration, or stop with a DataError naming the
+    job that holds it (host, pid and start, written into the file by the holder). `what` says what is locked.
+    On a file system that refuses locks (some Lustre mounts), warns and goes on unlocked."""
+    import fcntl
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            raise DataError(f'{what} is being done right now by {holder} (it holds {path}): two jobs on it at once '
+                            'would overwrite each other\'s files. Wait for it to finish (then rerun this one: it '
+                            'skips what is done), or stop it first') from None
+        except OSError as e:
+            warn(f'cannot lock {path} ({e.strerror}): make sure that only one job does {what} at a time')
+        f.seek(0)
+        f.truncate()
+        f.write(f'pid {os.getpid()} on {_host()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.flush()
+        yield
+
+
+@contextlib.contextmanager
 def atomic_path(path, remove_stale=False):
     """Yield a temporary name in the same folder; on success it is renamed to `path` in one step.
 

@@ -30,7 +30,7 @@ import numpy as np
 import VGGNet_1024
 from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, HelpFormatter, Progress, VideoError,
                              add_conv_flag, add_data_flags, add_device_flag, atomic_path, check_clips_on_disk,
-                             exit_on_user_error, header_frame_count, iter_video_frames, make_provenance,
+                             exclusive_lock, exit_on_user_error, header_frame_count, iter_video_frames, make_provenance,
                              nonnegative_int, positive_int, preprocess_frame, read_class_index, read_split,
                              save_npy_atomic, use_device, video_info, warn)
 
@@ -262,7 +262,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
-        return extract_shard(args)
+        # one job per shard: two at once would overwrite each other's files between writing and recording them
+        name = f'shard_{args.shard:02d}_of_{args.num_shards:02d}.lock'
+        lock = os.path.join(args.features_dir, '.extractions', name)
+        with exclusive_lock(lock, f'extraction of shard {args.shard} of {args.num_shards}'):
+            return extract_shard(args)
 
 
 if __name__ == '__main__':

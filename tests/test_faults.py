@@ -252,17 +252,27 @@ def test_kill_lstm_training(reference_packed, tmp_path):
 
 
 def test_two_writers_on_one_shard(tiny_ucf, tiny_model, extracted, tmp_path):
+    """Two jobs on one shard at once used to both exit 0 and leave clips whose two files came from different
+    jobs (packing then refused them): the second now stops at once with one line, and the first finishes."""
     args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'saveFeatures_1024.py'), *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, 'saveFeatures_1024.py'), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / 'UCF-101_features' / '.extractions' / 'shard_00_of_01.lock'
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.02)
+    second = run('saveFeatures_1024.py', *args)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    line = error_line(second)
+    assert second.returncode == 1 and 'is being done right now by pid' in line, second.stderr
     for folder in ('UCF-101_features', 'UCF-101_framePrediction'):
         assert whole_files(tmp_path / folder) == whole_files(os.path.join(extracted, folder))
         for name in whole_files(tmp_path / folder):
             assert np.array_equal(np.load(tmp_path / folder / name), np.load(os.path.join(extracted, folder, name)))
+    again = run('saveFeatures_1024.py', *args)  # after the first: the lock is free, every clip done
+    assert again.returncode == 0 and '100 already done by this extraction' in again.stderr, again.stderr
     record('two writers', 'two extraction jobs on the same shard at once', 'saveFeatures_1024.py',
-           'both exit 0; every file whole and equal to a single run (each file is renamed into place whole)')
+           f'the second: exit 1, "{line[:140]}..."; the first finishes, files equal to a single run')
 
 
 # ----------------------------------------------------------------------------------------------------------
