@@ -22,12 +22,13 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (DataError, NO_AUGMENTATION, HelpFormatter, PlainLines, Progress, RunRecord, VideoError,
-                             add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, check_clips_on_disk,
-                             exit_on_user_error, fraction, frame_bytes, make_provenance, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, preprocess_frame, random_augmentation,
-                             rate_eta_extension, read_class_index, read_split, read_video_frame, read_video_frames,
-                             resume_trainer, stop_on_divergence, usable_cpus, use_device, video_info, warn)
+from helperFunctions import (INPUT_PREFIX, DataError, NO_AUGMENTATION, HelpFormatter, PlainLines, Progress,
+                             RunRecord, VideoError, add_conv_flag, add_data_flags, add_device_flag,
+                             add_resume_flag, check_clips_on_disk, exit_on_user_error, fraction, frame_bytes,
+                             make_provenance, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             preprocess_frame, random_augmentation, rate_eta_extension, read_class_index,
+                             read_split, read_video_frame, read_video_frames, resume_trainer, stop_on_divergence,
+                             usable_cpus, use_device, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -262,8 +263,9 @@ def make_trainer(args):
     trainer.extend(stop_on_divergence(model, args.out, len(classes),
                                       ', or fewer layers that learn (--train-from fc7)'))
     # The frames' random stream is the training process's only with --loaderjob 0; loaders fork their own.
-    trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
-                             dict(order=order_stream, numpy=np.random, frames=train.rng)))
+    settings = {k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}
+    settings[INPUT_PREFIX + 'the VGG16 weights'] = provenance.get('digest')  # another VGG.model at the same path
+    trainer.extend(RunRecord(settings, dict(order=order_stream, numpy=np.random, frames=train.rng)))
 
     resume_trainer(trainer, args.out, args.resume)
     return trainer, model, provenance

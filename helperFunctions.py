@@ -1085,6 +1085,8 @@ def device_from_arg(spec):
 def resume_trainer(trainer, out, resume):
     """Load `resume` (a snapshot, or 'auto' for the newest snapshot_iter_* in `out`, if any) into the trainer.
     Returns the snapshot's path, or None when 'auto' finds nothing (a first run)."""
+    import json
+
     import chainer
     if not resume:
         return None
@@ -1096,10 +1098,27 @@ def resume_trainer(trainer, out, resume):
     if path and not os.path.isfile(path):
         raise DataError(f'{path}: snapshot not found; --resume auto picks the newest in --out')
     if path:
+        try:
+            record = trainer.get_extension(RunRecord.name)
+        except ValueError:
+            record = None
+        if record is not None:  # settings and inputs first: weights of another shape would fail to load obscurely
+            try:
+                with np.load(path) as f:
+                    stored = f[f'extensions/{RunRecord.name}/settings'] if \
+                        f'extensions/{RunRecord.name}/settings' in f.files else None
+            except (OSError, ValueError) as e:
+                raise DataError(f'{path}: not a readable snapshot ({e}); remove it to resume from the one before, or '
+                                'start afresh') from None
+            if stored is not None:
+                record.check(json.loads(str(stored[()])))
         chainer.serializers.load_npz(path, trainer)
         updater = trainer.updater
         print(f'resumed from {path} at epoch {updater.epoch}, iteration {updater.iteration}', file=sys.stderr)
     return path
+
+
+INPUT_PREFIX = 'input: '  # RunRecord settings that are not flags: what the run's inputs are (e.g. an extraction)
 
 
 class RunRecord:
@@ -1118,6 +1137,20 @@ class RunRecord:
 
     def __call__(self, trainer):
         pass  # it only carries state into and out of snapshots
+
+    def check(self, stored):
+        """DataError naming every setting (a flag, or an input's identity: INPUT_PREFIX keys) in which the
+        snapshot's run differs from this one. A setting the snapshot does not record (older versions) is not
+        compared."""
+        differ = sorted(k for k in stored if stored[k] != self.settings.get(k))
+        if differ:
+            def name(k):
+                return k[len(INPUT_PREFIX):] if k.startswith(INPUT_PREFIX) else f'--{k.replace("_", "-")}'
+            raise DataError('the snapshot is of a run with other settings: '
+                            + ', '.join(f'{name(k)} {stored.get(k)!r} there, {self.settings.get(k)!r} now'
+                                        for k in differ)
+                            + '. Resume with the same settings and inputs, or start afresh in another --out (or '
+                              'without --resume)')
 
     def initialize(self, trainer):
         pass
@@ -1146,13 +1179,7 @@ class RunRecord:
             warn('this snapshot records no settings (written by an older version): resuming unchecked, and its '
                  'random streams start afresh')
             return
-        differ = sorted(k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k))
-        if differ:
-            raise DataError('the snapshot is of a run with other settings: '
-                            + ', '.join(f'--{k.replace("_", "-")} {stored.get(k)!r} there, {self.settings.get(k)!r} '
-                                        'now' for k in differ)
-                            + '. Resume with the same settings, or start afresh in another --out (or without '
-                              '--resume)')
+        self.check(stored)
         for name, stream in self.streams.items():
             keys = serializer(f'{name}_keys', None)
             position, has_gauss = (int(v) for v in serializer(f'{name}_state', None))

@@ -34,11 +34,11 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
-from helperFunctions import (DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag, add_resume_flag,
-                             atomic_path, exit_on_user_error, fraction, make_provenance, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, provenance_text, rate_eta_extension,
-                             refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
-                             stop_on_divergence, usable_cpus, use_device)
+from helperFunctions import (INPUT_PREFIX, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
+                             add_resume_flag, atomic_path, exit_on_user_error, extraction_of, fraction,
+                             make_provenance, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             provenance_text, rate_eta_extension, refuse_overwriting_inputs, repeatSequence,
+                             resume_trainer, same_extraction, stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -749,8 +749,12 @@ def make_trainer(args):
                    trigger=(1, 'epoch'))
     trainer.extend(stop_on_divergence(model, args.out, len(train.classes),
                                       ', or gradient clipping (--grad-clip 5)'))
-    trainer.extend(RunRecord({k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME},
-                             dict(order=order_stream, numpy=np.random, sequences=dataset.rng, lengths=updater.rng)))
+    settings = {k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}
+    extraction = extraction_of(train.provenance)  # other features at the same path: another extraction
+    settings[INPUT_PREFIX + 'the features of extraction'] = extraction.get('tag') if extraction else None
+    settings[INPUT_PREFIX + 'the feature size'] = train.dim
+    trainer.extend(RunRecord(settings, dict(order=order_stream, numpy=np.random, sequences=dataset.rng,
+                                            lengths=updater.rng)))
     resume_trainer(trainer, args.out, args.resume)
     return trainer, model, test, tester
 

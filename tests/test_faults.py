@@ -251,6 +251,37 @@ def test_kill_lstm_training(reference_packed, tmp_path):
            'completed 6 epochs, results written')
 
 
+def test_resume_of_another_run_is_refused_before_loading(reference_packed, tmp_path):
+    """--resume auto with another shape (--hidden) used to die in a broadcast traceback while loading weights, and
+    with another extraction's features of the same size it resumed without a word."""
+    from helperFunctions import extraction_of, parse_provenance
+    args = ['--out', str(tmp_path), '--model-out', str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz'),
+            '--fc', '8', '--seqlen', '12', '--bptt', '4', '--epoch', '1', '--batchsize', '10']
+    data = ['--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
+            str(reference_packed / 'test1024_norm.hdf5')]
+    assert run('rnn.py', *data, *args, '--hidden', '8').returncode == 0
+    result = run('rnn.py', *data, *args, '--hidden', '16', '--epoch', '2', '--resume', 'auto')
+    line = error_line(result)
+    assert result.returncode == 1 and '--hidden 8 there, 16 now' in line and 'Traceback' not in result.stderr
+    record('resume', 'rnn.py --resume auto with another --hidden', 'rnn.py', f'exit 1: {line[:150]}...')
+    other = {}
+    for kind in ('train', 'test'):  # the same features, as if another extraction had made them
+        other[kind] = tmp_path / f'other_{kind}.hdf5'
+        shutil.copy(reference_packed / f'{kind}1024_norm.hdf5', other[kind])
+        with h5py.File(other[kind], 'a') as f:
+            text = f.attrs['provenance']
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            tag = extraction_of(parse_provenance(text))['tag']
+            f.attrs['provenance'] = text.replace(tag, 'feedfacecafe')
+    result = run('rnn.py', '--train', str(other['train']), '--test', str(other['test']), *args, '--hidden', '8',
+                 '--epoch', '2', '--resume', 'auto')
+    line = error_line(result)
+    assert result.returncode == 1 and f"the features of extraction '{tag}' there, 'feedfacecafe' now" in line, line
+    record('resume', "rnn.py --resume auto on another extraction's features (same size)", 'rnn.py',
+           f'exit 1: {line[:160]}...')
+    assert run('rnn.py', *data, *args, '--hidden', '8', '--epoch', '2', '--resume', 'auto').returncode == 0
+
+
 def test_two_writers_on_one_shard(tiny_ucf, tiny_model, extracted, tmp_path):
     """Two jobs on one shard at once used to both exit 0 and leave clips whose two files came from different
     jobs (packing then refused them): the second now stops at once with one line, and the first finishes."""
