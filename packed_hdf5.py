@@ -8,6 +8,7 @@ features'), the sizes, and the provenance record of what made it. save_hdf5.py w
 normalizeData.py the normalised ones; singleFrameAccuracy.py and rnn.py read them.
 """
 import os
+import re
 
 import h5py
 import numpy as np
@@ -49,7 +50,13 @@ def open_hdf5(path, mode):
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        if 'lock' in str(e).lower():
+        text = str(e).lower()
+        truncated = re.search(r'truncated file: eof = (\d+).*stored_eof = (\d+)', text)
+        if truncated:
+            raise DataError(f'{path}: truncated: it holds {int(truncated.group(1)):,} of the '
+                            f'{int(truncated.group(2)):,} bytes it was written with (a copy or a transfer that did '
+                            'not finish?); copy it again, or make it again with the step that wrote it') from None
+        if re.search(r'\b(un)?lock', text):  # "unable to lock file", not the "sblock" of a superblock message
             raise DataError(f'{path}: this file system refuses HDF5 file locks ({e}); run '
                             '`export HDF5_USE_FILE_LOCKING=FALSE` (in job scripts too) and rerun') from None
         raise

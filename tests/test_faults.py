@@ -497,6 +497,21 @@ def test_bad_lists_paths_and_models(tiny_ucf, small_vgg, tmp_path):
         record('bad input', fault, 'frameBasedTrain.py', f'exit 1: {line}; nothing overwritten')
 
 
+@pytest.mark.parametrize('script', ['normalizeData.py', 'rnn.py', 'singleFrameAccuracy.py'])
+def test_truncated_hdf5_is_called_truncated(script, reference_packed, tmp_path):
+    """A cut-short copy was blamed on file locks ("sblock" in HDF5's superblock message read as a lock)."""
+    name = {'normalizeData.py': 'train1024.hdf5', 'rnn.py': 'train1024_norm.hdf5',
+            'singleFrameAccuracy.py': 'testPredictions1024.hdf5'}[script]
+    whole = (reference_packed / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[:len(whole) // 3])
+    flag = {'normalizeData.py': '--train', 'rnn.py': '--train', 'singleFrameAccuracy.py': '--predictions'}[script]
+    result = run(script, flag, str(tmp_path / name), '--results', str(tmp_path / 'r.npz'), cwd=str(tmp_path)) \
+        if script != 'normalizeData.py' else run(script, flag, str(tmp_path / name), cwd=str(tmp_path))
+    line = error_line(result)
+    assert result.returncode == 1 and 'truncated: it holds' in line and 'LOCKING' not in line, result.stderr[-500:]
+    record('bad input', f'{name} cut to a third (an unfinished copy)', script, f'exit 1: {line[:150]}...')
+
+
 def test_hdf5_of_another_split(reference_packed, tmp_path):
     other = tmp_path / 'test_split2.hdf5'
     shutil.copy(reference_packed / 'test1024.hdf5', other)
