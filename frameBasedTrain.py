@@ -22,13 +22,13 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (INPUT_PREFIX, DataError, NO_AUGMENTATION, HelpFormatter, PlainLines, Progress,
+from helperFunctions import (INPUT_PREFIX, NO_AUGMENTATION, DataError, HelpFormatter, PlainLines, Progress,
                              RunRecord, VideoError, add_conv_flag, add_data_flags, add_device_flag,
-                             add_resume_flag, check_clips_on_disk, exit_on_user_error, fraction, frame_bytes,
-                             make_provenance, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                             preprocess_frame, random_augmentation, rate_eta_extension, read_class_index,
-                             read_split, read_video_frame, read_video_frames, resume_trainer, stop_on_divergence,
-                             usable_cpus, use_device, video_info, warn)
+                             add_resume_flag, check_clips_on_disk, check_writable, exit_on_user_error, fraction,
+                             frame_bytes, make_provenance, nonnegative_float, nonnegative_int, positive_float,
+                             positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
+                             read_class_index, read_split, read_video_frame, read_video_frames, resume_trainer,
+                             stop_on_divergence, usable_cpus, use_device, video_info, warn)
 
 matplotlib.use('Agg')
 
@@ -276,6 +276,7 @@ def make_trainer(args):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
+        check_writable({'--out': (args.out, True), '--model-out': (args.model_out, False)})  # not an epoch later
         trainer, model, vgg = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         model.to_cpu()

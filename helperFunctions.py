@@ -940,6 +940,28 @@ def best_time(function, sync, repeat):
     return best
 
 
+def check_writable(outputs):
+    """DataError naming the flag of the first output that cannot be written (a read-only file system, a folder
+    without permission, a file in the way), before any work starts. `outputs`: {flag: (path, is_folder)}.
+    Writes a probe file where the output would go, or into the nearest existing folder above it; creates
+    nothing that stays."""
+    for flag, (path, is_folder) in outputs.items():
+        folder = os.path.abspath(path if is_folder else os.path.dirname(os.path.abspath(path)))
+        existing = folder
+        while not os.path.isdir(existing):
+            if os.path.exists(existing):
+                raise DataError(f'{flag} {path}: {existing} is a file, not a folder: choose another {flag}')
+            existing = os.path.dirname(existing)
+        try:
+            fd, probe = tempfile.mkstemp(prefix='.write_probe_', dir=existing)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            example = os.path.basename(path.rstrip('/')) or 'out'
+            raise DataError(f'{flag} {path}: cannot write in {existing} ({e.strerror}); choose a folder you can write '
+                            f'to (scratch), e.g. {flag} $SCRATCH/{example}') from None
+
+
 def refuse_overwriting_inputs(inputs, outputs):
     """DataError naming the flags if an output path is an input (or one output is another): no step may write over
     what it reads. `inputs`, `outputs`: {flag: path}."""

@@ -15,8 +15,9 @@ import sys
 import h5py
 import numpy as np
 
-from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, ensure_space, exit_on_user_error,
-                             make_provenance, provenance_text, refuse_overwriting_inputs, same_extraction, warn)
+from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, check_writable, ensure_space,
+                             exit_on_user_error, make_provenance, provenance_text, refuse_overwriting_inputs,
+                             same_extraction, warn)
 from packed_hdf5 import file_provenance, read_hdf5_header, write_packed
 
 
@@ -90,8 +91,9 @@ def main(argv=None):
     p.add_argument('--stats', default='feature_stats1024.npz')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        refuse_overwriting_inputs({'--train': args.train, '--test': args.test},
-                                  {'--train-out': args.train_out, '--test-out': args.test_out, '--stats': args.stats})
+        outputs = {'--train-out': args.train_out, '--test-out': args.test_out, '--stats': args.stats}
+        refuse_overwriting_inputs({'--train': args.train, '--test': args.test}, outputs)
+        check_writable({flag: (path, False) for flag, path in outputs.items()})
         train = read_hdf5_header(args.train, expect_subset='train')
         test = read_hdf5_header(args.test, expect_split=train['split'], expect_subset='test')
         if train['dim'] != test['dim']:

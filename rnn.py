@@ -35,10 +35,11 @@ from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import (INPUT_PREFIX, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
-                             add_resume_flag, atomic_path, exit_on_user_error, extraction_of, fraction,
-                             make_provenance, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                             provenance_text, rate_eta_extension, refuse_overwriting_inputs, repeatSequence,
-                             resume_trainer, same_extraction, stop_on_divergence, usable_cpus, use_device)
+                             add_resume_flag, atomic_path, check_writable, exit_on_user_error, extraction_of,
+                             fraction, make_provenance, nonnegative_float, nonnegative_int, positive_float,
+                             positive_int, provenance_text, rate_eta_extension, refuse_overwriting_inputs,
+                             repeatSequence, resume_trainer, same_extraction, stop_on_divergence, usable_cpus,
+                             use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -764,6 +765,8 @@ def main(argv=None):
     with exit_on_user_error():
         refuse_overwriting_inputs({'--train': args.train, '--test': args.test},
                                   {'--model-out': args.model_out, '--results': args.results})
+        check_writable({'--out': (args.out, True), '--model-out': (args.model_out, False),
+                        '--results': (args.results, False)})
         trainer, model, test, tester = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already

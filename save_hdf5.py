@@ -22,9 +22,9 @@ import sys
 
 import numpy as np
 
-from helperFunctions import (DataError, ExtractionManifest, HelpFormatter, add_data_flags, clip_stem,
-                             describe_extraction, ensure_space, exit_on_user_error, make_provenance, provenance_text,
-                             read_class_index, read_split, warn)
+from helperFunctions import (DataError, ExtractionManifest, HelpFormatter, add_data_flags, check_writable,
+                             clip_stem, describe_extraction, ensure_space, exit_on_user_error, make_provenance,
+                             provenance_text, read_class_index, read_split, warn)
 from packed_hdf5 import write_packed
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
@@ -119,6 +119,7 @@ def main(argv=None):
     p.add_argument('--skip-missing', action='store_true', help='pack the clips that have files, warn of the rest')
     args = p.parse_args(argv)
     with exit_on_user_error():
+        check_writable({'--out-dir': (args.out_dir, True)})
         classes = read_class_index(args.lists)
         subsets = {s: read_split(args.lists, args.split, s) for s in ('train', 'test')}
         folders = {'features': args.features_dir, 'predictions': args.predictions_dir}

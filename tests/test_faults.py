@@ -661,6 +661,39 @@ def test_unwritable_output(tiny_ucf, extracted, tmp_path):
            f'exit 1: {line[:160]}...')
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a tmpfs mounted ro): root, as CI runs, ignores permission bits."""
+    folder = tmp_path / 'ro'
+    folder.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip('cannot mount a read-only tmpfs here (needs root)')
+    yield folder
+    subprocess.run(['umount', str(folder)], capture_output=True)
+
+
+def test_read_only_outputs_are_refused_before_the_work(reference_packed, tiny_ucf, small_vgg, read_only_folder):
+    """rnn.py said "No such file or directory" at its first snapshot, frameBasedTrain.py an epoch in, save_hdf5.py
+    that 1 MB was needed with 1 MB free: each now names the flag and the read-only file system at once."""
+    root, _ = tiny_ucf
+    cases = {
+        'rnn.py': ['--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
+                   str(reference_packed / 'test1024_norm.hdf5'), '--out', str(read_only_folder / 'result_lstm')],
+        'frameBasedTrain.py': ['--data', os.path.join(root, 'UCF-101'), '--lists',
+                               os.path.join(root, 'ucfTrainTestlist'), '--vgg', small_vgg, '--out',
+                               str(read_only_folder / 'result_frame'), '--loaderjob', '0'],
+        'normalizeData.py': [*norm_args(reference_packed, read_only_folder)],
+    }
+    for script, args in cases.items():
+        start = time.time()
+        result = run(script, *args)
+        line = error_line(result)
+        assert result.returncode == 1 and 'Read-only file system' in line and str(read_only_folder) in line, line
+        assert time.time() - start < 30 and 'Traceback' not in result.stderr
+        record('disk full', 'outputs on a read-only file system', script, f'exit 1 at once: {line[:150]}...')
+
+
 def test_extraction_disk_full(tiny_ucf, tiny_model, tmp_path):
     args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
     result = run('saveFeatures_1024.py', *args, limit_bytes=1500)
