@@ -246,7 +246,9 @@ def make_trainer(args):
         trainer.extend(extensions.Evaluator(test_iter, model, device=device), trigger=(1, 'epoch'))
 
     log_interval = (args.log_interval, 'iteration')
-    iterations = args.epoch * -(-len(train) // args.batchsize)
+    # batches run on across epochs (an epoch's last batch is topped up from the next), so E epochs take
+    # ceil(E n / b) iterations, not E ceil(n / b)
+    iterations = -(-args.epoch * len(train) // args.batchsize)
     trainer.extend(extensions.LogReport(trigger=log_interval))
     entries = ['epoch', 'iteration', 'main/loss', 'main/accuracy', 'validation/main/loss',
                'validation/main/accuracy', 'lr', 'elapsed_time']

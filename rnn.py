@@ -737,11 +737,12 @@ def make_trainer(args):
     trainer.extend(extensions.PrintReport(['epoch', 'iteration', 'main/loss', 'main/accuracy',
                                            f'test/{first}/top1', f'test/{first}/top5', f'test/{first}/top10',
                                            'elapsed_time'], out=PlainLines()))
-    per_epoch = -(-len(train) // args.batchsize)
-    iterations = min(args.epoch * per_epoch, args.max_iterations or args.epoch * per_epoch)
+    epochs_end = -(-args.epoch * len(train) // args.batchsize)  # batches run on across epochs: ceil(E n / b)
+    iterations = min(epochs_end, args.max_iterations or epochs_end)
 
     def evaluation_time(trainer):  # spent so far, and still to come: one evaluation per epoch left
-        return tester.seconds, tester.last_seconds * (-(-iterations // per_epoch) - trainer.updater.epoch)
+        epochs = -(-iterations * args.batchsize // len(train))  # the epochs the run will reach
+        return tester.seconds, tester.last_seconds * (epochs - trainer.updater.epoch)
     trainer.extend(rate_eta_extension(iterations, args.batchsize, 'sequences', (10, 'iteration'), evaluation_time))
     trainer.extend(extensions.PlotReport(['main/loss'], 'epoch', file_name='loss.png'))
     trainer.extend(extensions.PlotReport(['main/accuracy'] + [f'test/{t}/top1' for t in args.inference],

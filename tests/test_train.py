@@ -110,3 +110,12 @@ def test_print_report_writes_plain_lines_into_files():
         out.write('\033[J')
         out.write('1  0.5\n')
         assert stream.getvalue() == ('\033[J' if kept else '') + '1  0.5\n'
+
+
+def test_progress_counts_the_iterations_the_run_makes(tiny_ucf, small_vgg, tmp_path, capsys):
+    """72 training clips in batches of 16: 2 epochs are 9 iterations (batches run on across epochs), not 10; the
+    progress line used to end at 9/10 ("103/108" on a larger run)."""
+    frameBasedTrain.main(train_args(tiny_ucf, small_vgg, tmp_path, '--epoch', '2', '--batchsize', '16',
+                                    '--log-interval', '1'))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('iteration ')]
+    assert lines and lines[-1].startswith('iteration 9/9 (100.0%)'), lines[-3:]
