@@ -115,6 +115,9 @@ def read_split(list_dir, split, subset):
             raise DataError(f'{path}:{number}: clip {parts[0]} is listed twice')
         seen.add(parts[0])
         clips.append(Clip(parts[0], label))
+    if not clips:  # every step divides by, or indexes into, the clips of its split
+        raise DataError(f'{path} lists no clips (an empty or cut file?); take the split files from '
+                        'UCF101TrainTestSplits-RecognitionTask.zip again')
     return clips
 
 

@@ -468,6 +468,9 @@ def bad_input_cases(tiny_ucf, small_vgg, tmp_path):
     lists = copy_lists(tiny_ucf, tmp_path / 'nosplit')
     os.unlink(lists / 'trainlist01.txt')
     cases.append(('missing split file', 'trainlist01.txt: split file not found', lists, data, small_vgg))
+    lists = copy_lists(tiny_ucf, tmp_path / 'empty')
+    (lists / 'trainlist01.txt').write_bytes(b'')  # was a ZeroDivisionError in fine-tuning
+    cases.append(('empty training list', 'trainlist01.txt lists no clips', lists, data, small_vgg))
     cases.append(('wrong data root', 'data folder not found', os.path.join(root, 'ucfTrainTestlist'),
                   str(tmp_path / 'nowhere'), small_vgg))
     cases.append(('missing VGG.model', 'VGG16 weights not found', os.path.join(root, 'ucfTrainTestlist'), data,
