@@ -222,7 +222,9 @@ def parse_args(argv=None):
 
 def preflight(args):
     """Before any script is written or submitted: the scheduler's command, the data, the lists, the model."""
-    from helperFunctions import DataError, check_clips_on_disk, read_split
+    from helperFunctions import DataError, check_clips_on_disk, check_writable, read_split
+    check_writable({'--log-dir': (args.log_dir, True),
+                    **({'--script-dir': (args.script_dir, True)} if args.scheduler != 'local' else {})})
     command = {'pbs': 'qsub', 'slurm': 'sbatch'}.get(args.scheduler)
     if command and not shutil.which(command):
         raise DataError(f'{command} not found on PATH: run this on the cluster\'s login node, or choose '
@@ -250,8 +252,9 @@ def main(argv=None):
         run_local(args)
         return []
     if not args.dry_run:
-        os.makedirs(args.script_dir, exist_ok=True)
-        os.makedirs(args.log_dir, exist_ok=True)
+        with exit_on_user_error():  # a disk that fills up now, say
+            os.makedirs(args.script_dir, exist_ok=True)
+            os.makedirs(args.log_dir, exist_ok=True)
     if args.scheduler == 'pbs':
         scripts = [(os.path.join(args.script_dir, f'{args.name}_{k:02d}.pbs'), pbs_script(args, k))
                    for k in range(args.num_shards)]
@@ -264,7 +267,8 @@ def main(argv=None):
         if args.dry_run:
             print(f'# ---- {path}\n{text}', end='')
         else:
-            write_script(path, text)
+            with exit_on_user_error():
+                write_script(path, text)
         job_ids.append(submit(command + [path], args.dry_run))
     return job_ids
 

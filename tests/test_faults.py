@@ -688,6 +688,9 @@ def test_read_only_outputs_are_refused_before_the_work(reference_packed, tiny_uc
                                str(read_only_folder / 'result_frame'), '--loaderjob', '0'],
         'normalizeData.py': [*norm_args(reference_packed, read_only_folder)],
     }
+    cases['generate_pbs.py'] = ['--scheduler', 'local', '--log-dir', str(read_only_folder / 'jobs'), '--',
+                                '--data', os.path.join(root, 'UCF-101'), '--lists',
+                                os.path.join(root, 'ucfTrainTestlist'), '--model', small_vgg]
     for script, args in cases.items():
         start = time.time()
         result = run(script, *args)
