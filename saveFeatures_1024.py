@@ -14,6 +14,7 @@ yields every frame it can; the last frame of a UCF-101 clip is often broken, so 
 file holds is expected and not reported.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -142,7 +143,8 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
     out.put(None)
 
 
-def extract_shard(args):
+def extract_shard(args, held):
+    """The shard's clips through the network; `held` (an ExitStack) keeps the shard's lock until the caller ends."""
     classes = read_class_index(args.lists)
     clips = split_clips(args.data, args.lists, args.split, args.subsets, args.skip_missing)
     weights = [header_frame_count(os.path.join(args.data, c.path)) for c in clips]
@@ -165,6 +167,10 @@ def extract_shard(args):
     if others:
         warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
              f'preprocessing): re-extracting them with {args.model}')
+    # One job per shard, taken once every check has passed: two at once would overwrite each other's files between
+    # writing and recording them.
+    lock = os.path.join(manifest.folder, f'shard_{args.shard:02d}_of_{args.num_shards:02d}.lock')
+    held.enter_context(exclusive_lock(lock, f'extraction of shard {args.shard} of {args.num_shards}'))
     manifest.start(record)
     device = use_device(model, args.device)
 
@@ -261,12 +267,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    with exit_on_user_error():
-        # one job per shard: two at once would overwrite each other's files between writing and recording them
-        name = f'shard_{args.shard:02d}_of_{args.num_shards:02d}.lock'
-        lock = os.path.join(args.features_dir, '.extractions', name)
-        with exclusive_lock(lock, f'extraction of shard {args.shard} of {args.num_shards}'):
-            return extract_shard(args)
+    with exit_on_user_error(), contextlib.ExitStack() as held:
+        return extract_shard(args, held)
 
 
 if __name__ == '__main__':
