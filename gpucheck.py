@@ -261,7 +261,7 @@ def frames(size, batch, seed):
 # Correctness
 # ----------------------------------------------------------------------------------------------------------
 
-def check_vgg_forward(dev, size, tolerance):
+def check_vgg_forward(dev, size):
     reference = vgg_model(size, 'fast')
     x = frames(size, size['correctness_batch'], 1)
     prob_cpu, feature_cpu = reference.predict(x)
@@ -279,7 +279,7 @@ def _rebuilt(model, size, conv, train_from='fc7', dropout=0.5):
     return other
 
 
-def check_finetune_gradients(dev, size, tolerance):
+def check_finetune_gradients(dev, size):
     import chainer
     reference = vgg_model(size, 'fast', train_from='conv1_1', dropout=0.0)
     model = _rebuilt(reference, size, device_conv(dev), 'conv1_1', 0.0)
@@ -327,7 +327,7 @@ def lstm_update(dev_or_none, size, seed=0):
     return model, observation, step
 
 
-def check_lstm(dev, size, tolerance):
+def check_lstm(dev, size):
     results = {}
     for side, target in (('cpu', None), ('device', dev)):
         model, observation, step = lstm_update(target, size)
@@ -386,7 +386,7 @@ class Pipeline:
                                        '--shard', '0', '--device', device, *extra])
 
 
-def check_extraction(dev, pipeline, tolerance):
+def check_extraction(dev, pipeline):
     shards = 50  # 4 of the 200 listed clips: enough frames to compare, few enough for the CPU
     sides = {}
     for side, device in (('cpu', '@numpy'), ('device', dev.spec)):
@@ -427,7 +427,7 @@ def pack_features(pipeline, extraction):
     return train, test
 
 
-def check_rnn(dev, pipeline, extraction, tolerance):
+def check_rnn(dev, pipeline, extraction):
     import rnn
     train, test = pack_features(pipeline, extraction)
     small = pipeline.size is SIZES['small']
@@ -702,10 +702,10 @@ def run(args):
 
     for name, function in (('VGG16 forward', check_vgg_forward), ('fine-tuning gradients', check_finetune_gradients),
                            ('LSTM update', check_lstm)):
-        report['correctness'] += stage(name, function, dev, size, args.tolerance) or []
+        report['correctness'] += stage(name, function, dev, size) or []
     pipeline = stage('random models', Pipeline, work, data, lists, size)
     if pipeline:
-        report['correctness'] += stage('extraction shard', check_extraction, dev, pipeline, args.tolerance) or []
+        report['correctness'] += stage('extraction shard', check_extraction, dev, pipeline) or []
     vgg_rows, breakdown = stage('VGG16 speed', speed_vgg, dev, size, repeat) or ([], None)
     torch_vgg = stage('PyTorch VGG16', run_peer, 'vgg', dev, args.small, repeat) or {}
     for row in vgg_rows:
@@ -724,8 +724,7 @@ def run(args):
                            network_fps)
         if extraction:
             report['speed'] += extraction[0]
-            report['correctness'] += stage('rnn.py iterations', check_rnn, dev, pipeline, extraction[1],
-                                           args.tolerance) or []
+            report['correctness'] += stage('rnn.py iterations', check_rnn, dev, pipeline, extraction[1]) or []
     lstm_rows = stage('LSTM speed', speed_lstm, dev, size, repeat) or []
     torch_lstm = stage('PyTorch LSTM', run_peer, 'lstm', dev, args.small, repeat) or {}
     for row in lstm_rows:
