@@ -1,6 +1,6 @@
 """What Chainer 7.8.1 (frozen upstream in 2020) needs to import and run on today's stack: Python 3.12/3.13 with
 numpy 2, and CuPy 13/14 with CUDA from pip. Every script imports this module before Chainer; on the pinned stack
-(Python 3.11, numpy 1.26) it changes nothing that Chainer uses.
+(Python 3.11, numpy 1.26) it supplies only `numpy.float` (and loads pip's CUDA libraries in a GPU venv).
 
 Each fix below names the line of Chainer it is for, and each only supplies what is missing:
 - numpy 2 removed `np.sctypes`, read at import by chainer/functions/array/as_strided.py (and by its backward).
