@@ -675,9 +675,12 @@ class ExtractionManifest:
     """Which extraction wrote each clip's feature and prediction files.
 
     `<features dir>/.extractions/<tag>.json` holds an extraction's record; each job appends one line per finished
-    clip to its own `<tag>.<host>.<pid>.tsv`, with the size and modification time of both files. A line counts only
-    while both files still have that size and time, so a file rewritten by any other run (or half-way through
-    a kill) is never taken for this extraction's. Checking costs a stat per file, no reading of features.
+    clip to its own `<tag>.<host>.<pid>.tsv`, with the size, modification time and content digest of both files
+    (the digest of the bytes as they were written). A line counts while both files still have that size and
+    time: a stat per file, no reading. A file whose time changed but whose size did not (copied with `cp -r`, or
+    moved between file systems without keeping times) is read once and counts if its content has the recorded
+    digest; a line with the new time is then added, so the next check is a stat again. Anything rewritten by
+    another run (or half-way through a kill) is never taken for this extraction's.
     """
 
     KINDS = ('features', 'predictions')  # the two files of a clip, in the order of paths() and of a line's stamps
@@ -697,7 +700,7 @@ class ExtractionManifest:
         for path in self.paths(clip_path):
             try:
                 s = os.stat(path)
-                stamps.append(f'{s.st_size}\t{s.st_mtime_ns}')
+                stamps.append((str(s.st_size), str(s.st_mtime_ns)))
             except OSError:
                 stamps.append(None)
         return stamps
@@ -713,7 +716,8 @@ class ExtractionManifest:
         return found
 
     def entries(self):
-        """{clip path: {tag: stamp}} from every job's lines (a line cut short by a kill is ignored)."""
+        """{clip path: {tag: [(size, time, digest) per kind]}} from every job's lines; a line cut short by a kill
+        is ignored, and lines written before digests were recorded have digest ''."""
         if self._entries is None:
             self._entries = {}
             for path in glob.glob(os.path.join(self.folder, '*.tsv')):
@@ -721,19 +725,67 @@ class ExtractionManifest:
                 with open(path, errors='replace') as f:
                     for line in f:
                         parts = line.rstrip('\n').split('\t')
-                        if line.endswith('\n') and len(parts) == 5:
-                            self._entries.setdefault(parts[0], {})[tag] = '\t'.join(parts[1:])
+                        if not line.endswith('\n') or len(parts) not in (5, 7):
+                            continue
+                        width = (len(parts) - 1) // 2
+                        kinds = [tuple(parts[1 + width * i:1 + width * (i + 1)]) for i in range(2)]
+                        self._entries.setdefault(parts[0], {})[tag] = [(*k, '')[:3] for k in kinds]
         return self._entries
+
+    def _match(self, clip_path, recorded, kinds):
+        """'same' when the files of these kinds are the recorded ones by size and time, 'copied' when only their
+        content digest says so, else why not ('rewritten', 'missing', 'undated copy')."""
+        current, paths, verdict = self._stamps(clip_path), self.paths(clip_path), 'same'
+        for i, kind in enumerate(self.KINDS):
+            if kind not in kinds:
+                continue
+            size, stamp, digest = recorded[i]
+            if current[i] is None:
+                return 'missing'
+            if current[i] == (size, stamp):
+                continue
+            if current[i][0] != size:
+                return 'rewritten'
+            if not digest:
+                return 'undated copy'
+            if file_digest(paths[i]) != digest:
+                return 'rewritten'
+            verdict = 'copied'
+        return verdict
 
     def tag_of(self, clip_path, kinds=KINDS):
         """The extraction whose files (of these kinds) are in place for this clip now, or None."""
-        current = self._stamps(clip_path)
-        wanted = [i for i, kind in enumerate(self.KINDS) if kind in kinds]
         for tag, recorded in self.entries().get(clip_path, {}).items():
-            fields = recorded.split('\t')
-            if all(current[i] is not None and current[i] == '\t'.join(fields[2 * i:2 * i + 2]) for i in wanted):
+            verdict = self._match(clip_path, recorded, kinds)
+            if verdict == 'copied':
+                self._restamp(clip_path, tag, recorded)
+            if verdict in ('same', 'copied'):
                 return tag
         return None
+
+    def why_not(self, clip_path, kinds=KINDS):
+        """Why no extraction accounts for this clip's files (for a clip tag_of() gave None)."""
+        verdicts = {self._match(clip_path, recorded, kinds)
+                    for recorded in self.entries().get(clip_path, {}).values()}
+        if not verdicts:
+            return 'no record of the extraction that wrote them (an older version of this code, or by hand)'
+        if 'undated copy' in verdicts:
+            return ('their modification times differ from the recorded ones while their sizes match (copied '
+                    'without keeping times?), and their record predates content digests, so the copy cannot be '
+                    'checked: copy them again with `cp -p`/`rsync -a` from the original, or re-extract them')
+        return 'changed since the extraction that wrote them recorded them (rewritten by another run or by hand)'
+
+    def _restamp(self, clip_path, tag, recorded):
+        """Add a line with the copied files' new times (same sizes, same digests), so that the next check is a
+        stat again. Best effort: on a read-only copy the digests are simply checked again next time."""
+        current = self._stamps(clip_path)
+        fields = [clip_path]
+        for now, (size, stamp, digest) in zip(current, recorded):
+            fields += [*(now or (size, stamp)), digest]
+        with contextlib.suppress(OSError):
+            with open(os.path.join(self.folder, f'{tag}.{_host()}.{os.getpid()}.tsv'), 'a') as f:
+                f.write('\t'.join(fields) + '\n')
+        self.entries()[clip_path][tag] = [tuple(fields[1 + 3 * i:4 + 3 * i]) for i in range(2)]
 
     def start(self, record):
         """Record this extraction (its tag names the record) before writing any clip."""
@@ -745,13 +797,32 @@ class ExtractionManifest:
         self._log = os.path.join(self.folder, f'{record["tag"]}.{_host()}.{os.getpid()}.tsv')
         self._tag = record['tag']
 
-    def add(self, clip_path):
-        """Note that this clip's two files, just renamed into place, are this extraction's."""
-        line = '\t'.join([clip_path, *self._stamps(clip_path)]) + '\n'
+    def add(self, clip_path, digests):
+        """Note that this clip's two files, just renamed into place, are this extraction's; `digests` are those
+        of their bytes (features, predictions) as save_npy_atomic wrote them."""
+        fields = [clip_path]
+        for stamp, digest in zip(self._stamps(clip_path), digests):
+            fields += [*stamp, digest]
         with open(self._log, 'a') as f:  # one short write in append mode: whole lines even with other writers
-            f.write(line)
+            f.write('\t'.join(fields) + '\n')
         if self._entries is not None:
-            self._entries.setdefault(clip_path, {})[self._tag] = line.split('\t', 1)[1].rstrip('\n')
+            self._entries.setdefault(clip_path, {})[self._tag] = [tuple(fields[1 + 3 * i:4 + 3 * i])
+                                                                  for i in range(2)]
+
+
+def bytes_digest(data):
+    """A content digest for files the pipeline writes and checks later (blake2b, 128 bits; ~1 GB/s)."""
+    import hashlib
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path):
+    import hashlib
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _host():
@@ -880,13 +951,15 @@ def run_isolated(function, *args):
 
 
 def save_npy_atomic(path, array):
-    """np.save, atomically. The bytes go through Python's own write: numpy's tofile() ignores a short write on a
-    full disk and would leave a truncated file that looks complete."""
+    """np.save, atomically; returns the digest of the bytes written (bytes_digest). The bytes go through Python's
+    own write: numpy's tofile() ignores a short write on a full disk and would leave a truncated file that looks
+    complete."""
     buffer = io.BytesIO()
     np.save(buffer, array)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
             f.write(buffer.getbuffer())
+    return bytes_digest(buffer.getbuffer())
 
 
 @contextlib.contextmanager

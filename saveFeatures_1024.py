@@ -158,6 +158,7 @@ def extract_shard(args, held):
     made_by = {i: manifest.tag_of(clips[i].path) for i in range(start, end)}
     todo = [i for i in range(start, end) if made_by[i] != record['tag']]
     others = sum(made_by[i] is not None for i in todo)
+    unaccounted = [i for i in todo if made_by[i] is None and any(map(os.path.exists, manifest.paths(clips[i].path)))]
     os.makedirs(args.log_dir, exist_ok=True)
     shard_name = f'shard_{args.shard:02d}_of_{args.num_shards:02d}'
     failures = FailureLog(os.path.join(args.log_dir, f'failures_{shard_name}.tsv'))
@@ -167,6 +168,10 @@ def extract_shard(args, held):
     if others:
         warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
              f'preprocessing): re-extracting them with {args.model}')
+    if unaccounted:
+        first = clips[unaccounted[0]].path
+        warn(f'{len(unaccounted)} clips of this shard have files that no extraction record accounts for (e.g. '
+             f'{first}: {manifest.why_not(first)}): re-extracting them')
     # One job per shard, taken once every check has passed: two at once would overwrite each other's files between
     # writing and recording them.
     lock = os.path.join(manifest.folder, f'shard_{args.shard:02d}_of_{args.num_shards:02d}.lock')
@@ -210,9 +215,8 @@ def extract_shard(args, held):
                 failures.record(clip.path, 'skipped', read, claimed, 'the network produced NaN or inf')
                 continue
             feature_path, prediction_path = manifest.paths(clip.path)
-            save_npy_atomic(prediction_path, prob.astype(np.float32))
-            save_npy_atomic(feature_path, feature.astype(np.float32))
-            manifest.add(clip.path)
+            prediction_digest = save_npy_atomic(prediction_path, prob.astype(np.float32))
+            manifest.add(clip.path, (save_npy_atomic(feature_path, feature.astype(np.float32)), prediction_digest))
             if reason:
                 counts['partial'] += 1
                 failures.record(clip.path, 'kept-partial', read, claimed, reason)

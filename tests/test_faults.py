@@ -728,6 +728,61 @@ def other_model(tiny_ucf, small_vgg, path, seed, split=None):
     return str(path)
 
 
+def copy_without_times(source, destination):
+    """`cp -r`: contents and names, new modification times (shutil.copy keeps no times)."""
+    shutil.copytree(source, destination, copy_function=shutil.copy)
+    for d, _, names in os.walk(destination):
+        for name in names:
+            os.utime(os.path.join(d, name), ns=(1, 10 ** 18 + len(name)))  # surely not the original times
+
+
+def test_features_copied_without_their_times(tiny_ucf, tiny_model, extracted, reference_packed, tmp_path):
+    """Users move features between scratch and project file systems with `cp -r`: a record keyed on times alone
+    disowned every clip (packing refused them, a rerun re-extracted them in silence)."""
+    import saveFeatures_1024
+    work = tmp_path / 'work'
+    copy_without_times(extracted, work)
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
+    assert result.returncode == 0, result.stderr  # accepted: the files' content digests match the record
+    for name in ('train1024.hdf5', 'test1024.hdf5', 'testPredictions1024.hdf5'):
+        assert same_hdf5(tmp_path / 'packed' / name, reference_packed / name)
+    result = run('saveFeatures_1024.py', *extraction_args(tiny_ucf, tiny_model, str(work), '--num-shards', '1'))
+    assert result.returncode == 0 and re.search(r'(\d+) already done by this extraction \(\w+\), 0 to do',
+                                                result.stderr), result.stderr
+    # Checked once: the copies' times are on record now, so the next check is a stat, not a read.
+    manifest = saveFeatures_1024.ExtractionManifest(str(work / 'UCF-101_features'),
+                                                    str(work / 'UCF-101_framePrediction'))
+    clip = read_split(os.path.join(tiny_ucf[0], 'ucfTrainTestlist'), 1, 'train')[0].path
+    assert manifest._match(clip, manifest.entries()[clip][manifest.tag_of(clip)], manifest.KINDS) == 'same'
+    record('provenance', 'features copied with `cp -r` (modification times lost)', 'save_hdf5.py, extraction',
+           'packed as the originals; the rerun re-extracts nothing (content digests checked once, then stats)')
+    victim = work / 'UCF-101_features' / (clip_stem(clip) + '.npy')  # then one copy edited, its size unchanged
+    array = np.load(victim)
+    array[0, 0] += 1
+    np.save(victim, array)
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'again'))
+    assert result.returncode == 1 and re.search(r'\n  1 clips \(e\.g\. ' + re.escape(clip) + r'\): changed since',
+                                                result.stderr), result.stderr
+    record('provenance', 'a copied feature file edited in place (same size)', 'save_hdf5.py',
+           f'exit 1: "{[l for l in result.stderr.splitlines() if "changed since" in l][0].strip()[:110]}..."')
+
+
+def test_copy_of_records_without_digests(tiny_ucf, extracted, tmp_path):
+    """Records written before content digests cannot check a copy: the refusal says it was copied without times
+    and how to copy (it said 'no record of the extraction')."""
+    work = tmp_path / 'work'
+    copy_without_times(extracted, work)
+    for tsv in (work / 'UCF-101_features' / '.extractions').glob('*.tsv'):
+        lines = [l.split('\t') for l in tsv.read_text().splitlines()]
+        tsv.write_text(''.join('\t'.join([p[0], p[1], p[2], p[4], p[5]]) + '\n' for p in lines))  # the old format
+    result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
+    assert result.returncode == 1 and re.search(r'cannot be traced to an extraction:\n  \d+ clips \(\d+ files\) '
+                                                r'.*copied without keeping times.*cp -p', result.stderr), result.stderr
+    record('provenance', '`cp -r` of features whose records predate content digests', 'save_hdf5.py',
+           'exit 1: "... their modification times differ from the recorded ones while their sizes match (copied '
+           'without keeping times?) ... copy them again with `cp -p`/`rsync -a` ..., or re-extract them"')
+
+
 def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extracted, tmp_path):
     """The handout's second experiment: a new VGG_1024.model, then Parts 2-3 again in the same folders."""
     work = tmp_path / 'work'
@@ -740,9 +795,13 @@ def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extra
     result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
     line = result.stderr.strip().splitlines()
     assert result.returncode == 1 and 'do not all come from one extraction' in result.stderr, result.stderr
-    assert sum('clips (e.g.' in l for l in line) == 2 and not list((tmp_path).glob('packed/*.hdf5'))
+    assert sum(bool(re.search(r'clips( \(\d+ files\))? \(e\.g\.', l)) for l in line) == 2
+    assert not list((tmp_path).glob('packed/*.hdf5'))
+    counted = [int(n) for n in re.findall(r'^  (\d+) clips', result.stderr, re.M)]
+    lists = os.path.join(tiny_ucf[0], 'ucfTrainTestlist')
+    assert sum(counted) == len(read_split(lists, 1, 'train')) + len(read_split(lists, 1, 'test'))  # clips, not files
     record('provenance', 'a second VGG_1024.model, extraction rerun on half the shards', 'save_hdf5.py',
-           f'exit 1: "{line[0][:90]}..." then one line per extraction with its clip count; nothing written')
+           f'exit 1: "{line[0][:90]}..." then one line per extraction, counting clips (and files); nothing written')
     result = run('saveFeatures_1024.py', *args, '--shard', '1')
     assert result.returncode == 0, result.stderr
     result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
