@@ -109,6 +109,11 @@ class VGGTrunk(chainer.Chain):
         with graph_if(self.learns('fc6')):
             return F.relu(self.fc6(h))
 
+    @property
+    def widths(self):
+        """Channels per block, (64, 128, 256, 512, 512) in the real VGG16."""
+        return tuple(getattr(self, CONV_LAYERS[sum(BLOCKS[:i])]).W.shape[0] for i in range(len(BLOCKS)))
+
 
 def graph_if(learns):
     """Build a graph for a layer that learns; run one that does not without."""
@@ -147,6 +152,24 @@ def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None):
     for name, shape in zip(FC_LAYERS, [(fc_size, cells), (fc7_size, fc_size), (n_classes, fc7_size)]):
         shapes[f'{name}/W'], shapes[f'{name}/b'] = shape, shape[:1]
     return shapes
+
+
+def memory_needed(insize, widths, fc_size, n_classes, fc7_size, batchsize, training):
+    """{what: bytes}, a lower bound of what a pass over one batch holds at once, for check_memory(): the weights
+    (fc7/fc8 scale with --feature-size), in training the fc layers' gradients and momentum and every convolution's
+    output kept for the backward pass, in inference the widest layer's input and output."""
+    shapes = expected_shapes(insize, widths, fc_size, n_classes, fc7_size)
+    params = sum(int(np.prod(shape)) for shape in shapes.values())
+    learned = sum(int(np.prod(shapes[f'{name}/{kind}'])) for name in FC_LAYERS[1:] for kind in 'Wb')
+    sides = [insize >> block for block in range(len(BLOCKS))]
+    frames = f'{batchsize} frames at a time (--batchsize)'
+    if training:
+        kept = sum(width * count * side ** 2 for width, count, side in zip(widths, BLOCKS, sides))
+        return {'the weights (fc7, fc8: --feature-size)': 4 * params,
+                'fc7/fc8 gradients and momentum (--feature-size)': 8 * learned,
+                f'the activations of {frames}': 4 * batchsize * (3 * insize ** 2 + kept)}
+    widest = max(width * side ** 2 for width, side in zip(widths, sides))
+    return {'the weights': 4 * params, f'the activations of {frames}': 4 * batchsize * (3 * insize ** 2 + 2 * widest)}
 
 
 def shapes_from_params(params):

@@ -56,9 +56,8 @@ def from_vgg(vgg, n_classes, feature_size=1024, train_from='fc7', seed=None, dro
     """A VGGNet_1024 whose conv1_1 ... fc6 are copies of `vgg`'s and whose fc7, fc8 are new."""
     if seed is not None:
         np.random.seed(seed)
-    model = VGGNet_1024(n_classes, vgg.insize, tuple(getattr(vgg, CONV_LAYERS[i]).W.shape[0]
-                                                      for i in (0, 2, 4, 7, 10)),
-                        vgg.fc6.W.shape[0], feature_size, vgg.conv, train_from, dropout)
+    model = VGGNet_1024(n_classes, vgg.insize, vgg.widths, vgg.fc6.W.shape[0], feature_size, vgg.conv, train_from,
+                        dropout)
     for name in CONV_LAYERS + ['fc6']:
         getattr(model, name).copyparams(getattr(vgg, name))
     return model

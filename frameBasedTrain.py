@@ -24,7 +24,7 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import (INPUT_PREFIX, NO_AUGMENTATION, DataError, HelpFormatter, PlainLines, Progress,
                              RunRecord, VideoError, add_conv_flag, add_data_flags, add_device_flag,
-                             add_resume_flag, check_clips_on_disk, check_writable, exit_on_user_error, fraction,
+                             add_resume_flag, check_clips_on_disk, check_memory, check_writable, exit_on_user_error, fraction,
                              frame_bytes, make_provenance, nonnegative_float, nonnegative_int, positive_float,
                              positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
                              read_class_index, read_split, read_video_frame, read_video_frames, resume_trainer,
@@ -204,6 +204,9 @@ def build_model(args, n_classes):
     if args.insize and args.insize != vgg.insize:
         raise DataError(f'{args.vgg}: its fc6 is for {vgg.insize}x{vgg.insize} inputs, but --insize is '
                         f'{args.insize}; leave --insize out to use the weights\' size.')
+    check_memory(VGGNet.memory_needed(vgg.insize, vgg.widths, vgg.fc6.W.shape[0], n_classes, args.feature_size,
+                                      args.batchsize, training=True),
+                 args.device, 'lower --batchsize or --feature-size')
     model = VGGNet_1024.from_vgg(vgg, n_classes, args.feature_size, args.train_from, seed=args.seed,
                                  dropout=args.dropout)
     return model, provenance

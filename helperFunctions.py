@@ -907,11 +907,62 @@ def ensure_space(path, needed_bytes):
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     needed = int(needed_bytes * 1.05) + (1 << 20)
     if needed > free:
-        raise DataError(f'{path}: needs about {needed / 1e6:,.0f} MB but {probe} has {free / 1e6:,.0f} MB free; '
+        raise DataError(f'{path}: needs about {human_bytes(needed)} but {probe} has {human_bytes(free)} free; '
                         'free some space or write elsewhere')
     if limit != resource.RLIM_INFINITY and needed > limit:
-        raise DataError(f'{path}: needs about {needed / 1e6:,.0f} MB but files are limited to {limit / 1e6:,.1f} MB '
+        raise DataError(f'{path}: needs about {human_bytes(needed)} but files are limited to {human_bytes(limit)} '
                         '(ulimit -f); raise the limit or write elsewhere')
+
+
+def human_bytes(n):
+    """1234567 -> '1.2 MB' (decimal units, three significant digits at most)."""
+    for unit in ('bytes', 'kB', 'MB', 'GB', 'TB', 'PB', 'EB'):
+        if abs(n) < 999.5 or unit == 'EB':
+            return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.3g} {unit}'
+        n /= 1000
+    return f'{n:.3g} EB'
+
+
+def available_memory(device_spec='-1'):
+    """(bytes this job can still allocate, where): the GPU's free memory for a CUDA --device; otherwise the
+    machine's available memory, lowered to what a batch job's cgroup limit (Slurm's --mem) leaves."""
+    spec = str(device_spec)
+    if spec.lstrip('-').isdigit() and int(spec) >= 0 or spec.startswith('@cupy'):
+        device = device_from_arg(spec)
+        import cupy
+        with cupy.cuda.Device(device.device.id):
+            free, total = cupy.cuda.runtime.memGetInfo()
+        return free + cupy.get_default_memory_pool().free_bytes(), f'GPU {device.device.id}'
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/meminfo') as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    if free is None:
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    where = 'this machine'
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/self/cgroup') as f:
+            group = next(line.strip().split(':', 2)[2] for line in f if line.startswith('0::'))
+        folder = os.path.join('/sys/fs/cgroup', group.lstrip('/'))
+        with open(os.path.join(folder, 'memory.max')) as f:
+            limit = f.read().strip()
+        if limit != 'max':
+            with open(os.path.join(folder, 'memory.current')) as f:
+                left = int(limit) - int(f.read())
+            if left < free:
+                free, where = left, "this job's memory limit"
+    return max(free, 0), where
+
+
+def check_memory(parts, device_spec, advice):
+    """Refuse settings that cannot fit before allocating anything (they ended in a MemoryError traceback, or
+    swapped the node to a halt). parts: {what: bytes}, a lower bound of what the run holds at once."""
+    need = sum(parts.values())
+    free, where = available_memory(device_spec)
+    if need > free:
+        detail = ', '.join(f'{what} {human_bytes(n)}' for what, n in sorted(parts.items(), key=lambda p: -p[1]))
+        raise DataError(f'these settings need at least {human_bytes(need)} of memory ({detail}) but {where} has '
+                        f'{human_bytes(free)} available; {advice}')
 
 
 def run_isolated(function, *args):
@@ -978,6 +1029,10 @@ def exit_on_user_error():
         sys.exit(130)
     except DataError as e:
         sys.exit(f'error: {e}')
+    except MemoryError as e:  # CuPy's OutOfMemoryError is one too; the estimates before the work are lower bounds
+        sys.exit(f'error: out of memory ({str(e).strip()[:200] or "the machine has no more"}): lower the batch '
+                 'size (--batchsize) or the model\'s size, or ask the scheduler for more memory; files already '
+                 'written are whole, and a rerun resumes')
     except OSError as e:
         if isinstance(e, FileNotFoundError) and not e.filename:
             raise
@@ -1099,7 +1154,13 @@ def _number(kind, test, requirement):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+            try:  # 1e6 is a whole number too; 2.5 is not one
+                number = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+            if kind is not int or not number.is_integer():
+                raise argparse.ArgumentTypeError(f'{text} is not {requirement}') from None
+            value = int(number)
         if not test(value):
             raise argparse.ArgumentTypeError(f'{text} is not {requirement}')
         return value

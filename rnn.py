@@ -35,11 +35,11 @@ from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import (INPUT_PREFIX, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
-                             add_resume_flag, atomic_path, check_writable, exit_on_user_error, extraction_of,
-                             fraction, make_provenance, nonnegative_float, nonnegative_int, positive_float,
-                             positive_int, provenance_text, rate_eta_extension, refuse_overwriting_inputs,
-                             repeatSequence, resume_trainer, same_extraction, stop_on_divergence, usable_cpus,
-                             use_device)
+                             add_resume_flag, atomic_path, check_memory, check_writable, exit_on_user_error,
+                             extraction_of, fraction, make_provenance, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, provenance_text, rate_eta_extension,
+                             refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
+                             stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -705,6 +705,17 @@ def make_optimizer(args):
     return optimizer
 
 
+def memory_needed(args, n_in, n_classes):
+    """{what: bytes}, a lower bound of what training holds at once (for check_memory): the weights with their
+    gradients and Adam's two moments, and a batch's sequences through every layer with their gradients."""
+    layers = [(n_in if i == 0 else args.hidden, args.hidden) for i in range(args.lstm_layers)]
+    params = sum(4 * h * (i + h + 1) for i, h in layers) + (args.hidden + 1) * args.fc + (args.fc + 1) * n_classes
+    per_frame = n_in + args.lstm_layers * 6 * args.hidden + args.fc + n_classes  # gates, cell, output; fc; scores
+    return {'the weights, gradients and Adam moments (--hidden, --lstm-layers, --fc)': 16 * params,
+            f'{args.batchsize} sequences of {args.seqlen} frames (--batchsize, --seqlen) through the network':
+                8 * args.batchsize * args.seqlen * per_frame}
+
+
 def make_trainer(args):
     train = ClipFeatures(args.train, 'train', in_memory=args.in_memory)
     test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
@@ -712,6 +723,8 @@ def make_trainer(args):
         raise DataError(f'{args.train} and {args.test} differ in classes or feature size')
     same_extraction(train.provenance, test.provenance, args.train, args.test,
                     'pack and normalise both from one extraction')
+    check_memory(memory_needed(args, train.dim, len(train.classes)), args.device,
+                 'lower the flags named above')
     np.random.seed(args.seed)
     model = RNN(train.dim, args.hidden, args.lstm_layers, args.fc, len(train.classes), args.dropout, args.batchnorm)
     device = use_device(model, args.device)

@@ -28,12 +28,13 @@ import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 a
 import chainer
 import numpy as np
 
+import VGGNet
 import VGGNet_1024
 from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, HelpFormatter, Progress, VideoError,
                              add_conv_flag, add_data_flags, add_device_flag, atomic_path, check_clips_on_disk,
-                             exclusive_lock, exit_on_user_error, header_frame_count, iter_video_frames, make_provenance,
-                             nonnegative_int, positive_int, preprocess_frame, read_class_index, read_split,
-                             save_npy_atomic, use_device, video_info, warn)
+                             check_memory, exclusive_lock, exit_on_user_error, header_frame_count, iter_video_frames,
+                             make_provenance, nonnegative_int, positive_int, preprocess_frame, read_class_index,
+                             read_split, save_npy_atomic, use_device, video_info, warn)
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 
@@ -150,6 +151,10 @@ def extract_shard(args, held):
     weights = [header_frame_count(os.path.join(args.data, c.path)) for c in clips]
     start, end = shard_ranges(weights, args.num_shards)[args.shard]
     model = VGGNet_1024.load_model(args.model, conv=args.conv)
+    check_memory(VGGNet.memory_needed(model.insize, model.widths, model.fc6.W.shape[0], model.fc8.W.shape[0],
+                                      model.fc7.W.shape[0], args.batchsize, training=False)
+                 | {f'{args.prefetch} batches waiting (--prefetch)': 4 * 3 * model.insize ** 2 * args.batchsize
+                    * args.prefetch}, args.device, 'lower --batchsize (or --prefetch)')
     if model.fc8.W.shape[0] != len(classes):
         raise DataError(f'{args.model} predicts {model.fc8.W.shape[0]} classes but {args.lists}/classInd.txt '
                         f'lists {len(classes)}; was it trained on these lists?')

@@ -515,6 +515,30 @@ def test_truncated_hdf5_is_called_truncated(script, reference_packed, tmp_path):
     record('bad input', f'{name} cut to a third (an unfinished copy)', script, f'exit 1: {line[:150]}...')
 
 
+@pytest.mark.parametrize('script, flag', [('rnn.py', '--hidden'), ('rnn.py', '--batchsize'), ('rnn.py', '--seqlen'),
+                                          ('frameBasedTrain.py', '--feature-size'),
+                                          ('frameBasedTrain.py', '--batchsize'), ('saveFeatures_1024.py', '--batchsize')])
+def test_sizes_that_cannot_fit_in_memory(script, flag, tiny_ucf, tiny_model, small_vgg, reference_packed, tmp_path):
+    """`--hidden 1e9` and the like: "'1e9' is not a number", and written out, a MemoryError traceback (or a
+    node swapping to a halt). Now: the memory they need, what is available, which flags to lower."""
+    root, _ = tiny_ucf
+    lists, data = os.path.join(root, 'ucfTrainTestlist'), os.path.join(root, 'UCF-101')
+    args = {'rnn.py': ['--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
+                       str(reference_packed / 'test1024_norm.hdf5'), '--out', str(tmp_path),
+                       '--model-out', str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz')],
+            'frameBasedTrain.py': ['--data', data, '--lists', lists, '--vgg', small_vgg, '--out', str(tmp_path),
+                                   '--model-out', str(tmp_path / 'VGG_1024.model'), '--loaderjob', '0'],
+            'saveFeatures_1024.py': [a for a in extraction_args(tiny_ucf, tiny_model, str(tmp_path))
+                                     if a != '--batchsize' and a != '8']}[script]
+    result = run(script, *args, flag, '1e9')
+    line = error_line(result)
+    assert result.returncode == 1 and re.search(r'^error: these settings need at least [\d.]+ [kMGTPE]B of memory \('
+                                                r'.*' + re.escape(flag), line), result.stderr[-800:]
+    assert 'available' in line and 'Traceback' not in result.stderr
+    assert not list(tmp_path.glob('*.model')) and not (tmp_path / 'UCF-101_features').exists()
+    record('bad input', f'{flag} 1e9', script, f'exit 1: {line[:200]}')
+
+
 def test_hdf5_of_another_split(reference_packed, tmp_path):
     other = tmp_path / 'test_split2.hdf5'
     shutil.copy(reference_packed / 'test1024.hdf5', other)

@@ -89,3 +89,16 @@ def test_missing_clips_on_disk(tiny_ucf, tmp_path):
     with pytest.raises(DataError, match='1 of .* listed clips are missing.*_c09.*--skip-missing'):
         check_clips_on_disk(data, fake)
     assert check_clips_on_disk(data, fake, allow_missing=True) == clips
+
+
+def test_whole_numbers_may_be_written_in_scientific_notation():
+    """`--hidden 1e9` was refused as "'1e9' is not a number"; it is a whole number, checked as such."""
+    import argparse
+
+    from helperFunctions import positive_int
+    assert positive_int('1e3') == 1000 and positive_int('64') == 64 and isinstance(positive_int('1e3'), int)
+    for text, message in (('2.5', 'not a positive whole number'), ('0', 'not a positive whole number'),
+                          ('-1e3', 'not a positive whole number'), ('inf', 'not a positive whole number'),
+                          ('lots', 'is not a number')):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            positive_int(text)
