@@ -661,6 +661,13 @@ def same_extraction(first, second, first_path, second_path, advice):
     return a, b
 
 
+def feature_size_mismatch(first, first_dim, second, second_dim):
+    """The refusal for two feature files of different widths, with what to do about it."""
+    return (f'{first} holds {first_dim}-d features but {second} {second_dim}-d: they come from models with '
+            'different fc7 sizes (frameBasedTrain.py --feature-size). Extract both subsets with one model '
+            '(saveFeatures.sh), pack them together (save_hdf5.py) and normalise them together (normalizeData.py)')
+
+
 def describe_extraction(record):
     if not record:
         return 'no recorded extraction (written before provenance was recorded)'

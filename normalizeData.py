@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 
 from helperFunctions import (DataError, HelpFormatter, Progress, atomic_path, check_writable, ensure_space,
-                             exit_on_user_error, make_provenance, provenance_text, refuse_overwriting_inputs,
-                             same_extraction, warn)
+                             exit_on_user_error, feature_size_mismatch, make_provenance, provenance_text,
+                             refuse_overwriting_inputs, same_extraction, warn)
 from packed_hdf5 import file_provenance, read_hdf5_header, write_packed
 
 
@@ -96,11 +96,11 @@ def main(argv=None):
         check_writable({flag: (path, False) for flag, path in outputs.items()})
         train = read_hdf5_header(args.train, expect_subset='train')
         test = read_hdf5_header(args.test, expect_split=train['split'], expect_subset='test')
-        if train['dim'] != test['dim']:
-            raise DataError(f'{args.train} has {train["dim"]}-d features but {args.test} {test["dim"]}-d')
         sources = {path: file_provenance(path, header) for path, header in ((args.train, train), (args.test, test))}
         same_extraction(sources[args.train], sources[args.test], args.train, args.test,
                         'pack both from one extraction (save_hdf5.py)')
+        if train['dim'] != test['dim']:
+            raise DataError(feature_size_mismatch(args.train, train['dim'], args.test, test['dim']))
         mean, std, count, train_clips = feature_statistics(args.train, train['clips'])
         test_clips = test['clips']
         constant = std < 1e-6

@@ -36,8 +36,8 @@ from chainer.training import extensions
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import (INPUT_PREFIX, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
                              add_resume_flag, atomic_path, check_memory, check_writable, exit_on_user_error,
-                             extraction_of, fraction, make_provenance, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, provenance_text, rate_eta_extension,
+                             extraction_of, feature_size_mismatch, fraction, make_provenance, nonnegative_float,
+                             nonnegative_int, positive_float, positive_int, provenance_text, rate_eta_extension,
                              refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
                              stop_on_divergence, usable_cpus, use_device)
 from packed_hdf5 import file_provenance, read_hdf5_header
@@ -719,10 +719,13 @@ def memory_needed(args, n_in, n_classes):
 def make_trainer(args):
     train = ClipFeatures(args.train, 'train', in_memory=args.in_memory)
     test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
-    if train.classes != test.classes or train.dim != test.dim:
-        raise DataError(f'{args.train} and {args.test} differ in classes or feature size')
     same_extraction(train.provenance, test.provenance, args.train, args.test,
                     'pack and normalise both from one extraction')
+    if train.classes != test.classes:
+        raise DataError(f'{args.train} has {len(train.classes)} classes but {args.test} {len(test.classes)} (or '
+                        'other names): pack both from one classInd.txt (save_hdf5.py writes them together)')
+    if train.dim != test.dim:
+        raise DataError(feature_size_mismatch(args.train, train.dim, args.test, test.dim))
     check_memory(memory_needed(args, train.dim, len(train.classes)), args.device,
                  'lower the flags named above')
     np.random.seed(args.seed)

@@ -539,6 +539,35 @@ def test_sizes_that_cannot_fit_in_memory(script, flag, tiny_ucf, tiny_model, sma
     record('bad input', f'{flag} 1e9', script, f'exit 1: {line[:200]}')
 
 
+def narrower_copy(source, destination, dim):
+    """A packed file like `source` (same clips, split and record) whose features keep their first `dim` columns."""
+    import packed_hdf5
+    with h5py.File(source, 'r') as f:
+        names = [n.decode() for n in f['_index/clips'][()]]
+        items = [(n, int(f[n].attrs['label']), f[n][()][:, :dim]) for n in names]
+        classes = [c.decode() for c in f['_index/classes'][()]]
+        attrs = {k: f.attrs[k] for k in ('kind', 'provenance', 'split', 'subset')}
+    packed_hdf5.write_packed(str(destination), items, len(items), classes,
+                             **{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()})
+
+
+@pytest.mark.parametrize('script', ['normalizeData.py', 'rnn.py'])
+def test_feature_sizes_that_differ(script, reference_packed, tmp_path):
+    """Train and test features of different widths were refused without saying why or what to do."""
+    suffix = '_norm' if script == 'rnn.py' else ''
+    narrower_copy(reference_packed / f'test1024{suffix}.hdf5', tmp_path / 'test.hdf5', 8)
+    data = ['--train', str(reference_packed / f'train1024{suffix}.hdf5'), '--test', str(tmp_path / 'test.hdf5')]
+    outputs = {'rnn.py': ['--out', str(tmp_path), '--model-out', str(tmp_path / 'rnn.model'),
+                          '--results', str(tmp_path / 'r.npz')],
+               'normalizeData.py': ['--train-out', str(tmp_path / 'a.hdf5'), '--test-out', str(tmp_path / 'b.hdf5'),
+                                    '--stats', str(tmp_path / 's.npz')]}[script]
+    result = run(script, *data, *outputs)
+    line = error_line(result)
+    assert result.returncode == 1 and re.search(r'holds 16-d features but .*test\.hdf5 8-d: .*--feature-size.*'
+                                                r'Extract both subsets with one model', line), result.stderr[-600:]
+    record('bad input', 'train features 16-d, test features 8-d', script, f'exit 1: {line[:230]}...')
+
+
 def test_hdf5_of_another_split(reference_packed, tmp_path):
     other = tmp_path / 'test_split2.hdf5'
     shutil.copy(reference_packed / 'test1024.hdf5', other)
