@@ -41,8 +41,9 @@ def failure_reasons(log_dir):
     return reasons
 
 
-def check_complete(clips, folder, log_dir, skip_missing, what):
-    """The clips whose .npy file exists; stop with the list of the others unless skip_missing."""
+def check_complete(clips, folder, log_dir, skip_missing, what, listed_in='the list'):
+    """The clips whose .npy file exists; stop with the list of the others unless skip_missing. `listed_in` says
+    which clips these are (the training clips of trainlist01.txt, say), so that a count is never a mystery."""
     present = [c for c in clips if os.path.isfile(os.path.join(folder, clip_stem(c.path) + '.npy'))]
     have = set(present)
     missing = [c for c in clips if c not in have]
@@ -51,7 +52,7 @@ def check_complete(clips, folder, log_dir, skip_missing, what):
         lines = [f'  {c.path}: {reasons.get(c.path, "no file and no failure recorded (shard not run yet?)")}'
                  for c in missing[:20]]
         more = f'\n  ... and {len(missing) - 20} more' if len(missing) > 20 else ''
-        message = (f'{len(missing)} of {len(clips)} clips have no {what} file in {folder}/:\n'
+        message = (f'{len(missing)} of the {len(clips)} clips of {listed_in} have no {what} file in {folder}/:\n'
                    + '\n'.join(lines) + more)
         if not skip_missing:
             unreadable = sum(reasons.get(c.path, '').startswith('skipped') for c in missing)
@@ -131,8 +132,9 @@ def main(argv=None):
         classes = read_class_index(args.lists)
         subsets = {s: read_split(args.lists, args.split, s) for s in ('train', 'test')}
         folders = {'features': args.features_dir, 'predictions': args.predictions_dir}
-        plan = [(check_complete(subsets[s], folders[k], args.log_dir, args.skip_missing, k), s, k, name)
-                for s, k, name in OUTPUTS]  # check all before writing anything
+        listed_in = {s: f'{s}list{args.split:02d}.txt' for s in subsets}
+        plan = [(check_complete(subsets[s], folders[k], args.log_dir, args.skip_missing, k, listed_in[s]), s, k,
+                 name) for s, k, name in OUTPUTS]  # check all before writing anything
         extraction = one_extraction([(clips, kind) for clips, _, kind, _ in plan], args.features_dir,
                                     args.predictions_dir, args.split)
         record = provenance_text(make_provenance('save_hdf5.py', extraction=extraction))
