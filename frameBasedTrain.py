@@ -199,6 +199,24 @@ def stop_when_a_loader_fails():
     threading.excepthook = quiet
 
 
+class LoaderIterator(chainer.iterators.MultiprocessIterator):
+    """Chainer's MultiprocessIterator, its loader processes forked with SIGINT blocked: a Ctrl-C at the instant
+    they start went to a child before its set-up ignored SIGINT, killed it, and the parent trained on. Blocked,
+    the signal waits and the parent takes it (one line, exit 130) once the processes run; they keep ignoring it."""
+
+    def __next__(self):
+        loop = getattr(self, '_prefetch_loop', None)
+        if loop is not None and loop.thread is None and not loop.measure_required():
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                loop.launch_thread()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return super().__next__()
+
+    next = __next__
+
+
 def build_model(args, n_classes):
     vgg, provenance = VGGNet.load_vgg(args.vgg, conv=args.conv)
     if args.insize and args.insize != vgg.insize:
@@ -234,8 +252,8 @@ def make_trainer(args):
     order = chainer.iterators.ShuffleOrderSampler(order_stream)
     if args.loaderjob > 0:
         stop_when_a_loader_fails()
-        train_iter = chainer.iterators.MultiprocessIterator(train, args.batchsize, n_processes=args.loaderjob,
-                                                            shared_mem=example_bytes, order_sampler=order)
+        train_iter = LoaderIterator(train, args.batchsize, n_processes=args.loaderjob,
+                                    shared_mem=example_bytes, order_sampler=order)
     else:
         train_iter = chainer.iterators.SerialIterator(train, args.batchsize, order_sampler=order)
     updater = training.updaters.StandardUpdater(train_iter, optimizer, device=device)

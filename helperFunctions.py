@@ -574,6 +574,34 @@ def repeatSequence(sequence, length):
     return sequence[index]
 
 
+# How a clip shorter than a training sequence is made long enough (rnn.py --padding). The handout's rule plays it
+# backwards and forwards again; that puts reversed motion into the sequence (a Walk walks backwards half the time).
+PADDING = {
+    'reverse': "play it backwards, then forwards again, ... (the handout's repeatSequence)",
+    'loop': 'start it over from its first frame (one jump per repeat, motion always forwards)',
+    'hold': 'repeat its last frame (no new motion after the clip ends)',
+    'crop': "no padding: the batch is cut to its shortest clip's length (shorter sequences, nothing invented)",
+}
+
+
+def pad_sequence(sequence, length, mode='reverse'):
+    """`sequence` made `length` long by the PADDING rule `mode` (cut to `length` if longer). 'crop' returns a
+    shorter sequence as it is (crop_to_shortest() cuts the batch)."""
+    n = len(sequence)
+    if n == 0:
+        raise ValueError('cannot pad an empty sequence')
+    if n >= length or mode == 'crop':
+        return sequence[:length]
+    if mode == 'reverse':
+        return repeatSequence(sequence, length)
+    steps = np.arange(length)
+    if mode == 'loop':
+        return sequence[steps % n]
+    if mode == 'hold':
+        return sequence[np.minimum(steps, n - 1)]
+    raise ValueError(f'unknown padding {mode!r}; one of {", ".join(PADDING)}')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Provenance: every output records what made it (a JSON record; downstream records nest their inputs' records)
 # ----------------------------------------------------------------------------------------------------------

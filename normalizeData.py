@@ -66,20 +66,27 @@ def feature_statistics(path, clips):
     return mean, np.sqrt(m2 / count), count, usable
 
 
-def normalized_items(path, clips, labels, mean, std, checked=False):
+class NormalizedItems:
     """(name, label, normalised frames) of each clip, in float32 and in place; clips holding NaN or inf are
-    reported and left out (`checked`: the statistics pass found these clips finite already). The labels come
-    from the file's index (`labels`: name -> label; reading each dataset's attribute costs ~0.2 ms a clip)."""
-    mean, std = mean.astype(np.float32), std.astype(np.float32)
-    with h5py.File(path, 'r') as f:
-        for name in clips:
-            x, label = f[name][()], labels[name]
-            if not checked and not np.isfinite(x).all():
-                report_nonfinite(path, name)
-                continue
-            x -= mean
-            x /= std
-            yield name, label, x
+    reported and left out, and named in `left_out` for the packed file's index (`checked`: the statistics pass
+    found these clips finite already). The labels come from the file's index (`labels`: name -> label; reading
+    each dataset's attribute costs ~0.2 ms a clip)."""
+
+    def __init__(self, path, clips, labels, mean, std, checked=False):
+        self.path, self.clips, self.labels, self.checked = path, clips, labels, checked
+        self.mean, self.std, self.left_out = mean.astype(np.float32), std.astype(np.float32), []
+
+    def __iter__(self):
+        with h5py.File(self.path, 'r') as f:
+            for name in self.clips:
+                x, label = f[name][()], self.labels[name]
+                if not self.checked and not np.isfinite(x).all():
+                    report_nonfinite(self.path, name)
+                    self.left_out.append(name)
+                    continue
+                x -= self.mean
+                x /= self.std
+                yield name, label, x
 
 
 def main(argv=None):
@@ -117,7 +124,9 @@ def main(argv=None):
             record = make_provenance('normalizeData.py', input=sources[source],
                                      statistics=dict(path=os.path.abspath(args.train), frames=int(count)))
             labels = dict(zip(header['clips'], (int(label) for label in header['labels'])))
-            items = normalized_items(source, clips, labels, mean, safe_std, checked=source == args.train)
+            items = NormalizedItems(source, clips, labels, mean, safe_std, checked=source == args.train)
+            kept = set(clips)
+            items.left_out = [c for c in header['clips'] if c not in kept]  # the statistics pass's, for train
             n_clips, n_frames = write_packed(out, items, len(clips),
                                              header['classes'], split=header['split'], subset=header['subset'],
                                              kind='normalized features', provenance=provenance_text(record))

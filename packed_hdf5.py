@@ -18,6 +18,7 @@ from helperFunctions import DataError, Progress, atomic_path, parse_provenance, 
 
 def write_packed(out_path, items, total, classes, **attrs):
     """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically.
+    Where `items` has a `left_out` list (filled while it is iterated), those clip names are recorded too.
 
     Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
     """
@@ -41,6 +42,9 @@ def _write_hdf5(tmp, items, total, classes, attrs, title):
         f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
         f['_index/labels'] = np.array(labels, np.int32)
         f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
+        left_out = getattr(items, 'left_out', None)  # clips the writer chose not to write (normalizeData: NaN/inf)
+        if left_out:
+            f['_index/left_out'] = np.array(left_out, dtype=h5py.string_dtype())
         f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
     return len(names), frames
 
@@ -78,7 +82,9 @@ def read_hdf5_header(path, expect_split=None, expect_subset=None):
             if '_index' in f:
                 attrs.update(clips=[c.decode() for c in f['_index/clips'][()]],
                              labels=f['_index/labels'][()],
-                             classes=[c.decode() for c in f['_index/classes'][()]])
+                             classes=[c.decode() for c in f['_index/classes'][()]],
+                             left_out=[c.decode() for c in f['_index/left_out'][()]] if 'left_out' in f['_index']
+                             else [])
     except OSError as e:
         raise DataError(f'{path}: not a readable HDF5 file ({e}); make it again with save_hdf5.py') from None
     for key, expected in (('split', expect_split), ('subset', expect_subset), ('clips', None)):

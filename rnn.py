@@ -6,8 +6,9 @@
 The starter model: LSTM (1024 -> 512) -> Linear + sigmoid (512) -> Linear (101 classes), applied at every time
 step; the loss of every step counts (--loss-weighting shifts it toward the end of the sequence). Training
 sequences are --seqlen frames: a random segment of a longer clip, a shorter clip padded by playing it backwards
-and forwards again (helperFunctions.repeatSequence). Back-propagation is truncated every --bptt frames: the
-state is carried on, the graph is cut, the weights are updated.
+and forwards again (the handout's rule, helperFunctions.repeatSequence; --padding loop, hold or crop avoid the
+reversed motion it puts into a sequence, and the log says how many clips were padded). Back-propagation is
+truncated every --bptt frames: the state is carried on, the graph is cut, the weights are updated.
 
 Each epoch prints the training loss and accuracy (the accuracy of the last step, which the handout warns
 flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of every --inference technique:
@@ -34,12 +35,12 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
-from helperFunctions import (INPUT_PREFIX, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
+from helperFunctions import (INPUT_PREFIX, PADDING, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
                              add_resume_flag, atomic_path, check_memory, check_writable, exit_on_user_error,
                              extraction_of, feature_size_mismatch, fraction, make_provenance, nonnegative_float,
-                             nonnegative_int, positive_float, positive_int, provenance_text, rate_eta_extension,
-                             refuse_overwriting_inputs, repeatSequence, resume_trainer, same_extraction,
-                             stop_on_divergence, usable_cpus, use_device)
+                             nonnegative_int, pad_sequence, positive_float, positive_int, provenance_text,
+                             rate_eta_extension, refuse_overwriting_inputs, resume_trainer, same_extraction,
+                             stop_on_divergence, usable_cpus, use_device, warn)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     optimisation.add_argument('--seqlen', type=positive_int, default=120, help='frames per training sequence')
     optimisation.add_argument('--bptt', type=positive_int, default=30,
                               help='truncated back-propagation length: an update every this many steps')
+    optimisation.add_argument('--padding', default='reverse', choices=list(PADDING),
+                              help='how a clip shorter than --seqlen is made long enough (training, and test '
+                                   'segments): ' + '; '.join(f'{k}: {v}' for k, v in PADDING.items()))
     optimisation.add_argument('--variable-length', type=nonnegative_int, default=0, metavar='MIN',
                               help='train each batch on a random length between MIN and --seqlen (0: off)')
     optimisation.add_argument('--loss-weighting', default='uniform', choices=('uniform', 'linear', 'last'),
@@ -88,7 +92,11 @@ def parse_args(argv=None):
     augmentation.add_argument('--max-stride', type=positive_int, default=1, help='random frame stride up to this')
     inference = p.add_argument_group('inference')
     inference.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
-                           help='test techniques to report (the first one is saved for confusion.py)')
+                           help='test techniques to report (the first one is saved for confusion.py). Choose full '
+                                '(or segments) to compare with single frames: every frame counts. last and weighted '
+                                '(and --loss-weighting last/linear) lean on the last frames, the ones a damaged clip '
+                                'loses first (extraction keeps such clips partial and lists them in its failures '
+                                'file)')
     inference.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for segments')
     output = p.add_argument_group('output and resume')
     output.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
@@ -114,6 +122,7 @@ class ClipFeatures:
         self.path, self.names, self.labels = path, header['clips'], np.asarray(header['labels'], np.int32)
         self.classes, self.dim, self.split = header['classes'], int(header['dim']), int(header['split'])
         self.provenance = file_provenance(path, header)
+        self.left_out = header.get('left_out', [])  # clips normalizeData.py found NaN or inf in
         if 'normalized' not in str(header.get('kind', '')):
             print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
                   file=sys.stderr)
@@ -139,9 +148,9 @@ class ClipFeatures:
             return np.array([f[n].shape[0] for n in self.names])
 
 
-def training_sequence(x, length, rng, max_stride=1, noise=0.0):
+def training_sequence(x, length, rng, max_stride=1, noise=0.0, padding='reverse'):
     """A random segment of `length` frames (every stride-th frame, stride drawn from 1..max_stride when the
-    clip is long enough), or the whole clip padded by repeatSequence if it is shorter; plus Gaussian noise."""
+    clip is long enough), or the whole clip padded by the --padding rule if it is shorter; plus Gaussian noise."""
     n = len(x)
     strides = [s for s in range(1, max_stride + 1) if n >= length * s] or [1]
     stride = strides[rng.randint(len(strides))]
@@ -149,7 +158,7 @@ def training_sequence(x, length, rng, max_stride=1, noise=0.0):
         start = rng.randint(0, n - length * stride + 1)
         x = x[start:start + length * stride:stride]
     else:
-        x = repeatSequence(x, length)
+        x = pad_sequence(x, length, padding)
     if noise:
         x = x + rng.normal(0, noise, x.shape).astype(np.float32)
     return x
@@ -157,16 +166,24 @@ def training_sequence(x, length, rng, max_stride=1, noise=0.0):
 
 class SequenceDataset(chainer.dataset.DatasetMixin):
 
-    def __init__(self, clips, length, max_stride=1, noise=0.0, seed=0):
+    def __init__(self, clips, length, max_stride=1, noise=0.0, seed=0, padding='reverse'):
         self.clips, self.length, self.max_stride, self.noise = clips, length, max_stride, noise
-        self.rng = np.random.RandomState(seed)
+        self.padding, self.rng = padding, np.random.RandomState(seed)
 
     def __len__(self):
         return len(self.clips)
 
     def get_example(self, i):
-        x = training_sequence(self.clips.read(i), self.length, self.rng, self.max_stride, self.noise)
+        x = training_sequence(self.clips.read(i), self.length, self.rng, self.max_stride, self.noise,
+                              self.padding)
         return x.astype(np.float32), self.clips.labels[i]
+
+
+def crop_to_shortest(batch, device=None):
+    """Chainer's converter, after cutting every sequence to the batch's shortest (--padding crop leaves short
+    clips unpadded; with any other rule all are --seqlen long and nothing is cut)."""
+    steps = min(len(x) for x, _ in batch)
+    return chainer.dataset.concat_examples([(x[:steps], t) for x, t in batch], device)
 
 
 def segment_starts(n, length, count):
@@ -473,7 +490,7 @@ class BPTTUpdater(training.updaters.StandardUpdater):
     """Truncated back-propagation through time: every `bptt` steps, backward, cut the graph, update."""
 
     def __init__(self, iterator, optimizer, device, bptt, loss_weighting='uniform', min_length=None, seed=0):
-        super().__init__(iterator, optimizer, device=device)
+        super().__init__(iterator, optimizer, device=device, converter=crop_to_shortest)
         self.bptt, self.loss_weighting, self.min_length = bptt, loss_weighting, min_length
         self.rng = np.random.RandomState(seed)
 
@@ -561,8 +578,9 @@ def clip_score(log_probs, technique):
     return (log_probs * weights[:, None]).mean(axis=0)
 
 
-def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
-    """{technique: scores (clips x classes)} on every clip of `clips`, in batches of similar lengths."""
+def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32, padding='reverse'):
+    """{technique: scores (clips x classes)} on every clip of `clips`, in batches of similar lengths; a clip
+    shorter than `seqlen` is padded by the --padding rule for `segments` (the whole-clip techniques never pad)."""
     lengths = clips.lengths()
     order = np.argsort(lengths, kind='stable')
     n_classes = model.out.W.shape[0]
@@ -584,7 +602,8 @@ def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
             pieces, owners = [], []
             for i, p in zip(index, clip_projections):
                 for start in segment_starts(len(p), seqlen, segments):
-                    pieces.append((p, repeatSequence(np.arange(start, min(start + seqlen, len(p))), seqlen)))
+                    steps = np.arange(start, min(start + seqlen, len(p)))
+                    pieces.append((p, pad_sequence(steps, seqlen, padding)))
                     owners.append(i)
             owners = np.array(owners)
             piece_scores = np.stack([lp.mean(axis=0) for lp in projected_log_probs(model, pieces)])
@@ -593,12 +612,12 @@ def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32):
     return scores
 
 
-def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize):
+def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize, padding='reverse'):
     """Each epoch: test top-1/5/10 of every inference technique, reported and printed in the handout's form."""
     @training.make_extension(trigger=(1, 'epoch'), priority=training.PRIORITY_WRITER)
     def run_test(trainer):
         started = time.time()
-        scores = evaluate(model, clips, techniques, seqlen, segments, batchsize)
+        scores = evaluate(model, clips, techniques, seqlen, segments, batchsize, padding)
         observation = {}
         for technique in techniques:
             accuracies = topk_accuracies(clips.labels, scores[technique])
@@ -705,6 +724,16 @@ def make_optimizer(args):
     return optimizer
 
 
+def report_padding(args, train, test):
+    """Say how many sequences the --padding rule makes up frames for: at --seqlen 64 half of a set of 40-150-frame
+    clips is padded, which is not a detail."""
+    short = [int((clips.lengths() < args.seqlen).sum()) for clips in (train, test)]
+    segments = ' (their [segments] sequences)' if 'segments' in args.inference else ' (no technique pads them)'
+    print(f'padding (--padding {args.padding}: {PADDING[args.padding]}): {short[0]} of {len(train)} training clips '
+          f'are shorter than --seqlen {args.seqlen}, and {short[1]} of {len(test)} test clips{segments}',
+          file=sys.stderr)
+
+
 def memory_needed(args, n_in, n_classes):
     """{what: bytes}, a lower bound of what training holds at once (for check_memory): the weights with their
     gradients and Adam's two moments, and a batch's sequences through every layer with their gradients."""
@@ -738,7 +767,12 @@ def make_trainer(args):
     if args.grad_clip:
         optimizer.add_hook(chainer.optimizer_hooks.GradientClipping(args.grad_clip))
 
-    dataset = SequenceDataset(train, args.seqlen, args.max_stride, args.noise, args.seed)
+    dataset = SequenceDataset(train, args.seqlen, args.max_stride, args.noise, args.seed, args.padding)
+    report_padding(args, train, test)
+    if test.left_out:
+        warn(f'{args.test} leaves out {len(test.left_out)} test clips that normalizeData.py found NaN or inf in '
+             f'(e.g. {", ".join(test.left_out[:3])}): the LSTM is scored on {len(test)} clips, single-frame results '
+             'on all of them; confusion.py compares the clips both scored')
     order_stream = np.random.RandomState(args.seed)
     iterator = chainer.iterators.SerialIterator(
         dataset, args.batchsize, order_sampler=chainer.iterators.ShuffleOrderSampler(order_stream))
@@ -746,7 +780,8 @@ def make_trainer(args):
                           args.seed)
     stop = (args.max_iterations, 'iteration') if args.max_iterations else (args.epoch, 'epoch')
     trainer = training.Trainer(updater, stop, out=args.out)
-    tester = evaluation_extension(model, test, args.inference, args.seqlen, args.segments, args.batchsize)
+    tester = evaluation_extension(model, test, args.inference, args.seqlen, args.segments, args.batchsize,
+                                  args.padding)
     trainer.extend(tester)
     trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
     first = args.inference[0]
@@ -789,7 +824,8 @@ def main(argv=None):
         if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already
             scores = tester.last_scores
         else:  # stopped between epochs (--max-iterations): evaluate the final weights
-            scores = evaluate(model, test, args.inference, args.seqlen, args.segments, args.batchsize)
+            scores = evaluate(model, test, args.inference, args.seqlen, args.segments, args.batchsize,
+                              args.padding)
         model.to_cpu()
         record = provenance_text(make_provenance('rnn.py', train=file_provenance(args.train), test=test.provenance,
                                                  options=vars(args)))
@@ -802,8 +838,9 @@ def main(argv=None):
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')
+    missing = f'; {len(test.left_out)} left out by normalizeData.py' if test.left_out else ''
     print(f'wrote {args.model_out} (the weights) and {args.results} ({len(test.labels)} test clips scored by '
-          f'[{args.inference[0]}], for confusion.py); log and curves in {args.out}/', file=sys.stderr)
+          f'[{args.inference[0]}]{missing}, for confusion.py); log and curves in {args.out}/', file=sys.stderr)
     return final, trainer.observation
 
 

@@ -122,6 +122,32 @@ def test_ctrl_c_is_one_line(step, delay, tiny_ucf, tiny_model, small_vgg, tmp_pa
     record('Ctrl-C', 'SIGINT to the step and its loader processes', step, f'exit {code}, one line: "{line[0][:90]}..."')
 
 
+def test_loader_processes_start_with_ctrl_c_held(tiny_ucf, small_vgg, tmp_path):
+    """A Ctrl-C at the instant fine-tuning forks its loader processes went to a child before Chainer's set-up there
+    ignored SIGINT: the child died and the parent trained on. Forked with SIGINT blocked, no child can take it."""
+    root, _ = tiny_ucf
+    args = ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist'),
+            '--vgg', small_vgg, '--out', str(tmp_path), '--model-out', str(tmp_path / 'VGG_1024.model'),
+            '--feature-size', '8', '--batchsize', '15', '--epoch', '50', '--loaderjob', '2']
+    proc = start('frameBasedTrain.py', *args)
+    try:
+        children, deadline = [], time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(children) < 2:
+            with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+                children = f.read().split()
+            time.sleep(0.05)
+        assert len(children) >= 2, 'the loader processes should start'
+        for child in children:
+            with open(f'/proc/{child}/status') as f:
+                blocked = int(next(l for l in f if l.startswith('SigBlk:')).split()[1], 16)
+            assert blocked & (1 << (signal.SIGINT - 1)), f'loader {child} can take SIGINT'
+    finally:
+        proc.kill()
+        proc.wait()
+    record('Ctrl-C', 'SIGINT at the instant the loader processes fork', 'frameBasedTrain.py',
+           'they are forked with SIGINT blocked (read from /proc/<pid>/status): the parent takes it, one line, 130')
+
+
 @pytest.mark.parametrize('attempt', [0, 1])
 def test_kill_extraction(attempt, tiny_ucf, tiny_model, extracted, tmp_path):
     args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
@@ -539,14 +565,17 @@ def test_sizes_that_cannot_fit_in_memory(script, flag, tiny_ucf, tiny_model, sma
     record('bad input', f'{flag} 1e9', script, f'exit 1: {line[:200]}')
 
 
-def narrower_copy(source, destination, dim):
-    """A packed file like `source` (same clips, split and record) whose features keep their first `dim` columns."""
+def narrower_copy(source, destination, dim, spoil=()):
+    """A packed file like `source` (same clips, split and record) whose features keep their first `dim` columns;
+    the clips of `spoil` get a NaN."""
     import packed_hdf5
     with h5py.File(source, 'r') as f:
         names = [n.decode() for n in f['_index/clips'][()]]
         items = [(n, int(f[n].attrs['label']), f[n][()][:, :dim]) for n in names]
         classes = [c.decode() for c in f['_index/classes'][()]]
         attrs = {k: f.attrs[k] for k in ('kind', 'provenance', 'split', 'subset')}
+    for _, _, array in (item for item in items if item[0] in spoil):
+        array[-1, 0] = np.nan
     packed_hdf5.write_packed(str(destination), items, len(items), classes,
                              **{k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()})
 
@@ -566,6 +595,26 @@ def test_feature_sizes_that_differ(script, reference_packed, tmp_path):
     assert result.returncode == 1 and re.search(r'holds 16-d features but .*test\.hdf5 8-d: .*--feature-size.*'
                                                 r'Extract both subsets with one model', line), result.stderr[-600:]
     record('bad input', 'train features 16-d, test features 8-d', script, f'exit 1: {line[:230]}...')
+
+
+def test_lstm_says_which_test_clips_normalization_left_out(reference_packed, tmp_path):
+    """normalizeData leaves out a clip holding NaN: the LSTM was scored on fewer test clips than the single-frame
+    results without a word. Now the normalised file names the clips left out and rnn.py says so."""
+    with h5py.File(reference_packed / 'test1024.hdf5', 'r') as f:
+        victim = f['_index/clips'][0].decode()
+    narrower_copy(reference_packed / 'test1024.hdf5', tmp_path / 'test1024.hdf5', 16, spoil={victim})
+    result = run('normalizeData.py', '--train', str(reference_packed / 'train1024.hdf5'), '--test',
+                 str(tmp_path / 'test1024.hdf5'), '--train-out', str(tmp_path / 'train_norm.hdf5'), '--test-out',
+                 str(tmp_path / 'test_norm.hdf5'), '--stats', str(tmp_path / 'stats.npz'))
+    assert result.returncode == 0 and '(1 left out)' in result.stderr, result.stderr
+    result = run('rnn.py', '--train', str(tmp_path / 'train_norm.hdf5'), '--test', str(tmp_path / 'test_norm.hdf5'),
+                 '--out', str(tmp_path), '--model-out', str(tmp_path / 'rnn.model'), '--results',
+                 str(tmp_path / 'r.npz'), '--hidden', '8', '--fc', '8', '--seqlen', '12', '--epoch', '1')
+    warning = [l for l in result.stderr.splitlines() if 'leaves out 1 test clips' in l]
+    assert result.returncode == 0 and warning and victim in warning[0], result.stderr
+    assert '; 1 left out by normalizeData.py' in result.stderr
+    record('silent', 'a test clip with NaN features (left out by normalizeData)', 'rnn.py',
+           f'{warning[0][:200]}...; the final line counts it too')
 
 
 def test_hdf5_of_another_split(reference_packed, tmp_path):

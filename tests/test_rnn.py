@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rnn
-from helperFunctions import repeatSequence
+from helperFunctions import pad_sequence, repeatSequence
 from packed_hdf5 import write_packed
 
 CLASSES = ['Down', 'Still', 'Up']
@@ -54,6 +54,48 @@ def test_short_clips_are_padded_and_long_ones_give_random_segments():
     assert len(starts) > 10 and max(starts) <= 88
     strided = rnn.training_sequence(long, 12, np.random.RandomState(1), max_stride=3)[:, 0]
     assert len(set(np.diff(strided))) == 1 and len(strided) == 12
+
+
+def backward_steps(sequence):
+    """The fraction of frame-to-frame steps of a forward ramp that go backwards (reversed motion)."""
+    return float((np.diff(sequence[:, 0]) < 0).mean())
+
+
+@pytest.mark.parametrize('mode, most_backward', [('reverse', 0.4), ('loop', 0.12), ('hold', 0.0), ('crop', 0.0)])
+def test_padding_rules_and_the_motion_they_put_in(mode, most_backward):
+    """An 'Up' clip of 9 frames made 64 long: the handout's rule plays it backwards for about half of the
+    sequence (38% of its steps go backwards: a Walk walks backwards); loop jumps back once per repeat (11%, one
+    step in 9); hold and crop add no motion."""
+    clip = np.arange(9, dtype=np.float32)[:, None]
+    padded = pad_sequence(clip, 64, mode)
+    assert len(padded) == (9 if mode == 'crop' else 64) and np.array_equal(padded[:9], clip)
+    if mode == 'reverse':
+        assert np.array_equal(padded, repeatSequence(clip, 64)) and 0.35 < backward_steps(padded) <= most_backward
+    else:
+        assert backward_steps(padded) <= most_backward
+    if mode == 'hold':
+        assert (padded[9:] == 8).all()
+    assert np.array_equal(pad_sequence(np.arange(100)[:, None], 64, mode), np.arange(64)[:, None])  # long: cut
+
+
+def test_crop_cuts_the_batch_to_its_shortest_clip():
+    batch = [(np.ones((n, 3), np.float32), 0) for n in (12, 7, 12)]
+    x, t = rnn.crop_to_shortest(batch)
+    assert x.shape == (3, 7, 3) and t.shape == (3,)
+
+
+@pytest.mark.parametrize('mode', ['reverse', 'crop'])
+def test_padding_is_counted_and_used(mode, features, tmp_path, capsys):
+    """rnn.py says how many training and test clips its --padding rule pads; --padding crop trains on batches cut
+    to their shortest clip (nothing padded)."""
+    import h5py
+    with h5py.File(features / 'train.hdf5', 'r') as f:
+        short = sum(f[n].shape[0] < 30 for n in (c.decode() for c in f['_index/clips'][()]))
+    rnn.main(rnn_args(features, tmp_path, '--epoch', '1', '--seqlen', '30', '--padding', mode))
+    err = capsys.readouterr().err
+    assert re.search(rf'padding \(--padding {mode}: .*\): {short} of 90 training clips are shorter than --seqlen 30, '
+                     r'and \d+ of 30 test clips \(their \[segments\] sequences\)', err), err
+    assert 0 < short < 90
 
 
 def test_segment_starts():
