@@ -218,7 +218,8 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
     for testing and benchmarking the packing and normalisation at full UCF-101 scale (with `lists`, the real
     split files: 13,320 clips, about 2.5 million frames). Frame counts follow a log-normal around
     `mean_frames`."""
-    from helperFunctions import ExtractionManifest, clip_group, make_provenance, read_class_index, read_split
+    from helperFunctions import (ExtractionManifest, clip_group, make_provenance, read_class_index, read_split,
+                                 save_npy_atomic)
     rng = np.random.default_rng(seed)
     manifest = ExtractionManifest(os.path.join(out, 'UCF-101_features'), os.path.join(out, 'UCF-101_framePrediction'))
     manifest.start(make_provenance('saveFeatures_1024.py', tag=f'generated{seed}', split=1, insize=0,
@@ -245,10 +246,11 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
         feature[:, label % dim] += 2.0
         prediction = np.full((n, n_classes), 0.5 / n_classes, np.float32)
         prediction[:, label] += 0.5
+        digests = []
         for folder, array in (('UCF-101_features', feature), ('UCF-101_framePrediction', prediction)):
             path = os.path.join(out, folder, stem)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.save(path, array)
-        manifest.add(rel)
+            digests.append(save_npy_atomic(path, array))
+        manifest.add(rel, digests)
         total += n
     return len(clips), total
