@@ -19,8 +19,11 @@ import chainer.links as L
 import numpy as np
 
 import fast_conv
-from helperFunctions import (DataError, array_digest, atomic_path, exit_on_user_error, make_provenance,
-                             parse_provenance, positive_int, provenance_text)
+from ucf.errors import DataError
+from ucf.files import atomic_path
+from ucf.flags import positive_int
+from ucf.provenance import array_digest, make_provenance, parse_provenance, provenance_text
+from ucf.runcontrol import exit_on_user_error
 
 CONV_LAYERS = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
                'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']

@@ -11,7 +11,7 @@ import numpy as np
 
 from VGGNet import (CONV_LAYERS, LAYERS, WIDTHS, VGGTrunk, graph_if, model_provenance, read_params, save_model,
                     set_params, shapes_from_params)
-from helperFunctions import DataError
+from ucf.errors import DataError
 
 
 class VGGNet_1024(VGGTrunk):

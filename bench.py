@@ -287,7 +287,7 @@ def evaluation_figures(count, repeat):
 def preprocess_v1(frame, size):
     """preprocess_frame v1, the reference: RGB frame -> Pillow's bilinear resize -> BGR minus the mean."""
     from PIL import Image
-    from helperFunctions import MEAN_BGR
+    from ucf.preprocessing import MEAN_BGR
     pixels = np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR))
     x = np.empty((3, size, size), np.float32)
     for channel in range(3):
@@ -300,9 +300,9 @@ def decoding_figures(folder, rounds):
     224x224 (the decoder's frames through preprocess_frame into a batch), and of the same with v1's
     preprocessing, in alternating rounds on the same clips; and how far v2's values are from v1's."""
     import imageio_ffmpeg
-    import helperFunctions as hf
+    from ucf import preprocessing, video
     clips = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith('.avi'))[:12]
-    frames = sum(hf.video_info(c).frames for c in clips)
+    frames = sum(video.video_info(c).frames for c in clips)
     batch = np.empty((32, 3, 224, 224), np.float32)
 
     def bare():
@@ -312,12 +312,12 @@ def decoding_figures(folder, rounds):
 
     def v2():
         for c in clips:
-            for k, frame in enumerate(hf.iter_video_frames(c)):
-                hf.preprocess_frame(frame, 224, out=batch[k % len(batch)])
+            for k, frame in enumerate(video.iter_video_frames(c)):
+                preprocessing.preprocess_frame(frame, 224, out=batch[k % len(batch)])
 
     def v1():
         for c in clips:
-            for k, frame in enumerate(hf.iter_frames(c)):
+            for k, frame in enumerate(video.iter_frames(c)):
                 batch[k % len(batch)] = preprocess_v1(frame, 224)
     times = {name: [] for name in ('bare', 'v2', 'v1')}
     for _ in range(rounds):
@@ -325,8 +325,8 @@ def decoding_figures(folder, rounds):
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    differences = np.concatenate([np.abs(hf.preprocess_frame(f, 224) - preprocess_v1(hf._rgb(f), 224)).ravel()
-                                  for c in clips[:3] for f in hf.iter_video_frames(c)])
+    differences = np.concatenate([np.abs(preprocessing.preprocess_frame(f, 224) - preprocess_v1(video._rgb(f), 224)).ravel()
+                                  for c in clips[:3] for f in video.iter_video_frames(c)])
     return dict(frames=frames, bare_fps=frames / min(times['bare']), v2_fps=frames / min(times['v2']),
                 v1_fps=frames / min(times['v1']),
                 v2_of_bare_median=float(np.median(np.array(times['bare']) / np.array(times['v2']))),

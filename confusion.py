@@ -17,8 +17,11 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, top_k_accuracy_score
 
-from helperFunctions import (DataError, HelpFormatter, atomic_path, exit_on_user_error, make_provenance,
-                             parse_provenance, provenance_text, same_extraction, warn)
+from ucf.errors import DataError, warn
+from ucf.files import atomic_path
+from ucf.flags import HelpFormatter
+from ucf.provenance import make_provenance, parse_provenance, provenance_text, same_extraction
+from ucf.runcontrol import exit_on_user_error
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from helperFunctions import usable_cpus
+from ucf.runcontrol import usable_cpus
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -94,7 +94,7 @@ def software_checks():
 
 def host_checks():
     """CPUs this job may use, the CPU convolution's BLAS, free disk and HDF5 file locking where we run."""
-    from helperFunctions import usable_cpus
+    from ucf.runcontrol import usable_cpus
     checks = [Check('CPUs for this job', 'ok', f'{usable_cpus()} of {os.cpu_count()} on the node (its cpuset)', '')]
     try:
         import fast_conv
@@ -151,7 +151,7 @@ def video_checks():
         return [Check('video decoder', 'ok', f'PyAV {av.__version__}', ''),
                 Check('ffmpeg (encoding)', 'FAIL', f'imageio-ffmpeg does not import ({type(e).__name__}: {e})',
                       'the synthetic set and this check encode with its ffmpeg: `make venv`')]
-    import helperFunctions as hf
+    from ucf import video
     checks = [Check('video decoder', 'ok', f'PyAV {av.__version__}, libavcodec '
                                          f'{".".join(map(str, av.library_versions["libavcodec"]))}', '')]
     exe = imageio_ffmpeg.get_ffmpeg_exe()
@@ -165,9 +165,9 @@ def video_checks():
         if made.returncode:
             return checks + [Check('XVID with B-frames', 'FAIL', f'could not encode one: {made.stderr.strip()[:120]}',
                                    'reinstall imageio-ffmpeg: `make venv`')]
-        frames, info = hf.read_frames(path), hf.video_info(path)
+        frames, info = video.read_frames(path), video.video_info(path)
         order = np.random.RandomState(0).permutation(len(frames))
-        wrong = sum(not np.array_equal(hf.read_frame(path, int(i), info), frames[i]) for i in order)
+        wrong = sum(not np.array_equal(video.read_frame(path, int(i), info), frames[i]) for i in order)
         good = wrong == 0 and len(frames) == info.frames
         checks.append(Check('XVID with B-frames', 'ok' if good else 'FAIL',
                             f'{len(frames)} frames decoded, random access exact' if good else
@@ -264,7 +264,7 @@ def gpu_step_checks(device, batch, repeat, sync, memory_used, insize=224, widths
     import chainer
     import VGGNet
     import VGGNet_1024
-    from helperFunctions import best_time
+    from ucf.runcontrol import best_time
     shape = dict(insize=insize, widths=widths or VGGNet.WIDTHS)
     np.random.seed(0)
     cpu_model = VGGNet_1024.VGGNet_1024(101, train_from='conv1_1', dropout=0.0, **shape)
@@ -314,7 +314,7 @@ def gpu_step_checks(device, batch, repeat, sync, memory_used, insize=224, widths
 
 def cupy_step_checks(device_id, batch, repeat):
     import cupy
-    from helperFunctions import device_from_arg
+    from ucf.flags import device_from_arg
     pool = cupy.get_default_memory_pool()
     return gpu_step_checks(device_from_arg(str(device_id)), batch, repeat,
                            cupy.cuda.Device(device_id).synchronize, pool.total_bytes)

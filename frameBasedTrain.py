@@ -22,13 +22,16 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (INPUT_PREFIX, NO_AUGMENTATION, DataError, HelpFormatter, PlainLines, Progress,
-                             RunRecord, VideoError, add_conv_flag, add_data_flags, add_device_flag,
-                             add_resume_flag, check_clips_on_disk, check_memory, check_writable, exit_on_user_error, fraction,
-                             frame_bytes, make_provenance, nonnegative_float, nonnegative_int, positive_float,
-                             positive_int, preprocess_frame, random_augmentation, rate_eta_extension,
-                             read_class_index, read_split, read_video_frame, read_video_frames, resume_trainer,
-                             stop_on_divergence, usable_cpus, use_device, video_info, warn)
+from helperFunctions import NO_AUGMENTATION, check_clips_on_disk, random_augmentation, read_class_index, read_split
+from ucf.errors import DataError, warn
+from ucf.files import check_writable
+from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, fraction,
+                       nonnegative_float, nonnegative_int, positive_float, positive_int, use_device)
+from ucf.preprocessing import preprocess_frame
+from ucf.provenance import make_provenance
+from ucf.runcontrol import (INPUT_PREFIX, PlainLines, Progress, RunRecord, check_memory, exit_on_user_error,
+                            rate_eta_extension, resume_trainer, stop_on_divergence, usable_cpus)
+from ucf.video import VideoError, frame_bytes, read_video_frame, read_video_frames, video_info
 
 matplotlib.use('Agg')
 

@@ -28,8 +28,9 @@ import subprocess
 import sys
 import time
 
-from helperFunctions import (DEFAULT_DEVICE, atomic_path, exit_on_user_error, nonnegative_int, positive_int,
-                             split_at_dashes)
+from ucf.files import atomic_path
+from ucf.flags import DEFAULT_DEVICE, nonnegative_int, positive_int, split_at_dashes
+from ucf.runcontrol import exit_on_user_error
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
@@ -222,7 +223,9 @@ def parse_args(argv=None):
 
 def preflight(args):
     """Before any script is written or submitted: the scheduler's command, the data, the lists, the model."""
-    from helperFunctions import DataError, check_clips_on_disk, check_writable, read_split
+    from helperFunctions import check_clips_on_disk, read_split
+    from ucf.errors import DataError
+    from ucf.files import check_writable
     check_writable({'--log-dir': (args.log_dir, True),
                     **({'--script-dir': (args.script_dir, True)} if args.scheduler != 'local' else {})})
     command = {'pbs': 'qsub', 'slurm': 'sbatch'}.get(args.scheduler)

@@ -177,7 +177,7 @@ class Device:
     allocator that notes the bytes in use after every allocation)."""
 
     def __init__(self, spec):
-        from helperFunctions import device_from_arg
+        from ucf.flags import device_from_arg
         self.device = device_from_arg(spec)
         self.spec = str(self.device)
         self.gpu = self.device.xp is not np
@@ -367,7 +367,8 @@ class Pipeline:
 
     def sample_frames(self, count=8):
         """`count` preprocessed frames, from as many clips as there are classes."""
-        from helperFunctions import iter_video_frames, preprocess_frame
+        from ucf.preprocessing import preprocess_frame
+        from ucf.video import iter_video_frames
         paths = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(self.data, '*', '*'))})
         out = np.empty((count, 3, self.size['insize'], self.size['insize']), np.float32)
         for i in range(count):
@@ -454,7 +455,7 @@ def check_rnn(dev, pipeline, extraction):
 def speed_vgg(dev, size, repeat):
     import chainer
 
-    from helperFunctions import best_time
+    from ucf.runcontrol import best_time
     rows, breakdown = [], None
     model = vgg_model(size, device_conv(dev))
     model.to_device(dev.device)
@@ -502,7 +503,8 @@ def decoding_rate(pipeline, threads, seconds_at_most=20.0):
     """Frames/s of decoding + preprocessing alone, in `threads` threads, as extraction's decoders do."""
     import threading
 
-    from helperFunctions import iter_video_frames, preprocess_frame
+    from ucf.preprocessing import preprocess_frame
+    from ucf.video import iter_video_frames
     paths = sorted(glob.glob(os.path.join(pipeline.data, '*', '*')))
     counts, lock, start = [0], threading.Lock(), time.perf_counter()
     batch = np.empty((threads, 3, pipeline.size['insize'], pipeline.size['insize']), np.float32)
@@ -544,7 +546,7 @@ def speed_extraction(dev, pipeline, decoders, network):
 
 
 def speed_lstm(dev, size, repeat):
-    from helperFunctions import best_time
+    from ucf.runcontrol import best_time
     dev.reset_peak()
     model, observation, step = lstm_update(dev, size)
     seconds = best_time(step, dev.sync, repeat)
@@ -673,7 +675,7 @@ def environment(dev):
 
 def run(args):
     size = SIZES['small' if args.small else 'full']
-    from helperFunctions import usable_cpus
+    from ucf.runcontrol import usable_cpus
     report = dict(started=time.strftime('%Y-%m-%d %H:%M:%S'), size='small' if args.small else 'full',
                   correctness=[], speed=[], errors=[], tolerance=args.tolerance)
     dev = Device(args.device)
@@ -825,7 +827,7 @@ def main(argv=None):
     ensure_packages(args.bundle, args.site or os.path.join(args.out, 'site'))
     args.work = args.work or os.path.join(args.out, 'work')
     report = run(args)
-    from helperFunctions import atomic_path
+    from ucf.files import atomic_path
     os.makedirs(args.out, exist_ok=True)
     for name, text in (('report.json', json.dumps(report, indent=1, default=str)), ('report.md', markdown(report))):
         with atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, 'w') as f:

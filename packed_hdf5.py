@@ -13,7 +13,10 @@ import re
 import h5py
 import numpy as np
 
-from helperFunctions import DataError, Progress, atomic_path, parse_provenance, run_isolated
+from ucf.errors import DataError
+from ucf.files import atomic_path, run_isolated
+from ucf.provenance import parse_provenance
+from ucf.runcontrol import Progress
 
 
 def write_packed(out_path, items, total, classes, **attrs):

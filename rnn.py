@@ -35,12 +35,14 @@ from chainer import training
 from chainer.training import extensions
 
 from confusion import TOPK, format_accuracy, save_results, topk_accuracies
-from helperFunctions import (INPUT_PREFIX, PADDING, DataError, HelpFormatter, PlainLines, RunRecord, add_device_flag,
-                             add_resume_flag, atomic_path, check_memory, check_writable, exit_on_user_error,
-                             extraction_of, feature_size_mismatch, fraction, make_provenance, nonnegative_float,
-                             nonnegative_int, pad_sequence, positive_float, positive_int, provenance_text,
-                             rate_eta_extension, refuse_overwriting_inputs, resume_trainer, same_extraction,
-                             stop_on_divergence, usable_cpus, use_device, warn)
+from helperFunctions import PADDING, pad_sequence
+from ucf.errors import DataError, warn
+from ucf.files import atomic_path, check_writable, refuse_overwriting_inputs
+from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,
+                       positive_float, positive_int, use_device)
+from ucf.provenance import extraction_of, feature_size_mismatch, make_provenance, provenance_text, same_extraction
+from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error, rate_eta_extension,
+                            resume_trainer, stop_on_divergence, usable_cpus)
 from packed_hdf5 import file_provenance, read_hdf5_header
 
 matplotlib.use('Agg')

@@ -19,7 +19,8 @@ import sys
 
 import rnn
 from confusion import TOPK
-from helperFunctions import atomic_path, split_at_dashes
+from ucf.files import atomic_path
+from ucf.flags import split_at_dashes
 
 
 def parse_grid(items):

@@ -30,11 +30,15 @@ import numpy as np
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import (PREPROCESSING, DataError, ExtractionManifest, HelpFormatter, Progress, VideoError,
-                             add_conv_flag, add_data_flags, add_device_flag, atomic_path, check_clips_on_disk,
-                             check_memory, exclusive_lock, exit_on_user_error, header_frame_count, iter_video_frames,
-                             make_provenance, nonnegative_int, positive_int, preprocess_frame, read_class_index,
-                             read_split, save_npy_atomic, use_device, video_info, warn)
+from helperFunctions import check_clips_on_disk, read_class_index, read_split
+from ucf.errors import DataError, warn
+from ucf.files import atomic_path, exclusive_lock, save_npy_atomic
+from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, nonnegative_int, positive_int,
+                       use_device)
+from ucf.preprocessing import PREPROCESSING, preprocess_frame
+from ucf.provenance import ExtractionManifest, make_provenance
+from ucf.runcontrol import Progress, check_memory, exit_on_user_error
+from ucf.video import VideoError, header_frame_count, iter_video_frames, video_info
 
 FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
 

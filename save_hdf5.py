@@ -22,9 +22,12 @@ import sys
 
 import numpy as np
 
-from helperFunctions import (DataError, ExtractionManifest, HelpFormatter, add_data_flags, check_writable,
-                             clip_stem, describe_extraction, ensure_space, exit_on_user_error, make_provenance,
-                             provenance_text, read_class_index, read_split, warn)
+from helperFunctions import clip_stem, read_class_index, read_split
+from ucf.errors import DataError, warn
+from ucf.files import check_writable, ensure_space
+from ucf.flags import HelpFormatter, add_data_flags
+from ucf.provenance import ExtractionManifest, describe_extraction, make_provenance, provenance_text
+from ucf.runcontrol import exit_on_user_error
 from packed_hdf5 import write_packed
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),

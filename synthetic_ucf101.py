@@ -20,7 +20,10 @@ import sys
 
 import numpy as np
 
-from helperFunctions import atomic_path, nonnegative_int, positive_int, usable_cpus, video_info
+from ucf.files import atomic_path
+from ucf.flags import nonnegative_int, positive_int
+from ucf.runcontrol import usable_cpus
+from ucf.video import video_info
 
 # (direction -1, direction +1): the second member's motion runs forward through the cycle, the first backward.
 MOTIONS = [('SlideLeft', 'SlideRight'), ('Shrink', 'Grow'), ('SpinCounterClockwise', 'SpinClockwise'),
@@ -218,8 +221,9 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
     for testing and benchmarking the packing and normalisation at full UCF-101 scale (with `lists`, the real
     split files: 13,320 clips, about 2.5 million frames). Frame counts follow a log-normal around
     `mean_frames`."""
-    from helperFunctions import (ExtractionManifest, clip_group, make_provenance, read_class_index, read_split,
-                                 save_npy_atomic)
+    from helperFunctions import clip_group, read_class_index, read_split
+    from ucf.files import save_npy_atomic
+    from ucf.provenance import ExtractionManifest, make_provenance
     rng = np.random.default_rng(seed)
     manifest = ExtractionManifest(os.path.join(out, 'UCF-101_features'), os.path.join(out, 'UCF-101_framePrediction'))
     manifest.start(make_provenance('saveFeatures_1024.py', tag=f'generated{seed}', split=1, insize=0,

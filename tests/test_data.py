@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 
 import synthetic_ucf101
-from helperFunctions import (MEAN_BGR, NO_AUGMENTATION, Augmentation, clip_group, preprocess_frame,
-                             random_augmentation, read_class_index, read_frame, read_frames, read_split,
-                             repeatSequence, video_info)
+from helperFunctions import (NO_AUGMENTATION, Augmentation, clip_group, random_augmentation, read_class_index,
+                             read_split, repeatSequence)
+from ucf.preprocessing import MEAN_BGR, preprocess_frame
+from ucf.video import read_frame, read_frames, video_info
 
 
 def test_synthetic_layout_and_lists(tiny_ucf):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import doctor
-from helperFunctions import device_from_arg
+from ucf.flags import device_from_arg
 
 LINES = ['Python', 'numpy', 'setuptools', 'Chainer compatibility', 'Chainer', 'CPUs for this job', 'CPU convolution', 'free disk here',
          'HDF5 files here', 'video decoder', 'ffmpeg (encoding)', 'XVID with B-frames', 'CuPy', 'GPU run']

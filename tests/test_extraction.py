@@ -18,7 +18,9 @@ import saveFeatures_1024
 import save_hdf5
 import singleFrameAccuracy
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem, preprocess_frame, read_split, read_video_frames
+from helperFunctions import clip_stem, read_split
+from ucf.preprocessing import preprocess_frame
+from ucf.video import read_video_frames
 
 
 def npy_files(folder):

@@ -21,7 +21,8 @@ import pytest
 
 import synthetic_ucf101
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem, read_frames, read_split
+from helperFunctions import clip_stem, read_split
+from ucf.video import read_frames
 
 RESULTS = []
 TABLE = os.path.join(ROOT, 'docs', 'FAULTS.md')
@@ -280,7 +281,7 @@ def test_kill_lstm_training(reference_packed, tmp_path):
 def test_resume_of_another_run_is_refused_before_loading(reference_packed, tmp_path):
     """--resume auto with another shape (--hidden) used to die in a broadcast traceback while loading weights, and
     with another extraction's features of the same size it resumed without a word."""
-    from helperFunctions import extraction_of, parse_provenance
+    from ucf.provenance import extraction_of, parse_provenance
     args = ['--out', str(tmp_path), '--model-out', str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz'),
             '--fc', '8', '--seqlen', '12', '--bptt', '4', '--epoch', '1', '--batchsize', '10']
     data = ['--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
@@ -735,7 +736,7 @@ def test_disk_full(script, tiny_ucf, extracted, reference_packed, tmp_path):
 
 def test_disk_fills_during_hdf5_write(tiny_ucf, extracted, tmp_path):
     """The space check passes but the disk fills half-way: HDF5 itself then crashes its process."""
-    import helperFunctions
+    from ucf import runcontrol
     import save_hdf5
     helperFunctions_ensure = save_hdf5.ensure_space
     save_hdf5.ensure_space = lambda path, needed: None  # as if another job took the space after the check
@@ -752,7 +753,7 @@ def test_disk_fills_during_hdf5_write(tiny_ucf, extracted, tmp_path):
     line = str(exit_info.value)
     assert line.startswith('error:') and 'train1024.hdf5' in line and 'disk may be full' in line, line
     assert not os.listdir(tmp_path), os.listdir(tmp_path)  # neither a final file nor the temporary one
-    assert helperFunctions.exit_on_user_error
+    assert runcontrol.exit_on_user_error
     record('disk full', 'disk fills up half-way through an HDF5 file (HDF5 crashes)', 'save_hdf5.py',
            f'the writer runs in a child process: exit 1: {line[:150]}...; no file left')
 
@@ -923,7 +924,8 @@ def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extra
 
 def preprocess(tiny_ucf, name):
     """The first frame of clip `name` (a packed dataset's name), as the network sees it."""
-    from helperFunctions import preprocess_frame, read_video_frames
+    from ucf.preprocessing import preprocess_frame
+    from ucf.video import read_video_frames
     root, _ = tiny_ucf
     clip = next(c for s in ('train', 'test') for c in read_split(os.path.join(root, 'ucfTrainTestlist'), 1, s)
                 if clip_stem(c.path) == name)
@@ -945,7 +947,7 @@ def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):
 
 def results_file(path, tag, model=None):
     from confusion import save_results
-    from helperFunctions import make_provenance, provenance_text
+    from ucf.provenance import make_provenance, provenance_text
     extraction = make_provenance('saveFeatures_1024.py', tag=tag, split=1, model={'digest': tag, 'split': 1})
     save_results(str(path), ['A/v_A_g01_c01', 'B/v_B_g01_c01', 'C/v_C_g01_c01'], [0, 1, 2], np.eye(3),
                  ['A', 'B', 'C'], split=1, **({'model': model} if model else {}),
@@ -1089,7 +1091,7 @@ def test_loader_failure_mid_run_ends_the_run(tiny_ucf, small_vgg, tmp_path):
     """Clips that vanish after the check (a scratch purge): the loader process that meets them stops the run
     with exit 1, instead of Chainer's multiprocess iterator waiting for the example forever."""
     import frameBasedTrain
-    from helperFunctions import DataError
+    from ucf.errors import DataError
     root, _ = tiny_ucf
     shutil.copytree(root, tmp_path / 'set')
     args = frameBasedTrain.parse_args([

@@ -8,7 +8,7 @@ import pytest
 import VGGNet
 import VGGNet_1024
 import bench
-from helperFunctions import DataError
+from ucf.errors import DataError
 
 WIDTHS = (4, 4, 8, 8, 8)
 
@@ -189,8 +189,8 @@ def test_insize_must_divide_by_32():
 
 def test_code_version_without_git(monkeypatch):
     """A cluster node without git: the code is still identified, by the digest of its files."""
-    import helperFunctions
-    monkeypatch.setattr(helperFunctions, '_CODE', [])
+    from ucf import provenance
+    monkeypatch.setattr(provenance, '_CODE', [])
     monkeypatch.setenv('PATH', '/nonexistent')
-    version = helperFunctions.code_version()
+    version = provenance.code_version()
     assert version.startswith('py:') and 'git:' not in version

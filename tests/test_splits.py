@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from helperFunctions import DataError, check_clips_on_disk, clip_group, clip_stem, read_class_index, read_split
+from helperFunctions import check_clips_on_disk, clip_group, clip_stem, read_class_index, read_split
+from ucf.errors import DataError
 
 
 def test_real_class_index(real_lists):
@@ -95,7 +96,7 @@ def test_whole_numbers_may_be_written_in_scientific_notation():
     """`--hidden 1e9` was refused as "'1e9' is not a number"; it is a whole number, checked as such."""
     import argparse
 
-    from helperFunctions import positive_int
+    from ucf.flags import positive_int
     assert positive_int('1e3') == 1000 and positive_int('64') == 64 and isinstance(positive_int('1e3'), int)
     for text, message in (('2.5', 'not a positive whole number'), ('0', 'not a positive whole number'),
                           ('-1e3', 'not a positive whole number'), ('inf', 'not a positive whole number'),

@@ -21,7 +21,8 @@ def train_args(tiny_ucf, small_vgg, out, *extra):
 
 def test_training_and_extraction_preprocess_alike(tiny_ucf):
     """The training dataset's unaugmented frame is exactly preprocess_frame() of the decoded frame."""
-    from helperFunctions import preprocess_frame, read_video_frames
+    from ucf.preprocessing import preprocess_frame
+    from ucf.video import read_video_frames
     root, _ = tiny_ucf
     clips = read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'test')[:2]
     data = frameBasedTrain.RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False)
@@ -100,7 +101,7 @@ def test_print_report_writes_plain_lines_into_files():
     job's log file."""
     import io
 
-    from helperFunctions import PlainLines
+    from ucf.runcontrol import PlainLines
 
     class Terminal(io.StringIO):
         def isatty(self):

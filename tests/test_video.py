@@ -12,7 +12,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-import helperFunctions as hf
+import helperFunctions
+from ucf import preprocessing, video
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SOURCE = ['-f', 'lavfi', '-i', 'testsrc2=size=96x72:rate=25:duration=2']  # 50 frames, moving content
@@ -68,7 +69,7 @@ def encode(path, args):
 
 def command_line_decode(path):
     """ffmpeg's own sequential decode of the first video stream, every frame once: the reference."""
-    info = hf.video_info(path)
+    info = video.video_info(path)
     raw = subprocess.run([FFMPEG, '-v', 'quiet', '-i', path, '-map', '0:v:0', '-fps_mode', 'passthrough',
                           '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-'], capture_output=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, info.height, info.width, 3)
@@ -94,7 +95,7 @@ def clips(tmp_path_factory):
 
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart', *TRUNCATED])
 def test_sequential_decoding_is_ffmpegs(clips, name):
-    frames = hf.read_frames(clips[name])
+    frames = video.read_frames(clips[name])
     reference = command_line_decode(clips[name])
     assert frames.shape == reference.shape and np.array_equal(frames, reference), name
 
@@ -102,24 +103,24 @@ def test_sequential_decoding_is_ffmpegs(clips, name):
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart', *TRUNCATED])
 def test_random_access_equals_sequential_decoding(clips, name):
     path = clips[name]
-    frames, info = hf.read_frames(path), hf.video_info(path)
+    frames, info = video.read_frames(path), video.video_info(path)
     rng = np.random.RandomState(0)
     order = rng.permutation(len(frames))  # every index, in random order, as the training sampler draws them
-    wrong = [i for i in order if not np.array_equal(hf.read_frame(path, int(i), info), frames[i])]
+    wrong = [i for i in order if not np.array_equal(video.read_frame(path, int(i), info), frames[i])]
     assert not wrong, f'{name}: {len(wrong)} of {len(frames)} frames differ, e.g. {sorted(wrong)[:5]}'
     # past the end (a header that over-states the length): the last decodable frame
-    assert np.array_equal(hf.read_frame(path, len(frames) + 5, info), frames[-1])
+    assert np.array_equal(video.read_frame(path, len(frames) + 5, info), frames[-1])
 
 
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart'])
 def test_preprocessing_the_decoders_frames_is_preprocessing_the_command_lines_rgb(clips, name):
     """preprocess_frame on the decoder's own frames (what extraction and training give it) equals it on the RGB
     frames ffmpeg's command line writes, bit for bit: down- and upscaled, flipped, cropped and rotated."""
-    frames, reference = hf.read_video_frames(clips[name]), command_line_decode(clips[name])
-    augmentations = [hf.NO_AUGMENTATION, hf.Augmentation(True, None, 0.0), hf.Augmentation(False, (5, 3, 80, 70), 4.0)]
+    frames, reference = video.read_video_frames(clips[name]), command_line_decode(clips[name])
+    augmentations = [helperFunctions.NO_AUGMENTATION, helperFunctions.Augmentation(True, None, 0.0), helperFunctions.Augmentation(False, (5, 3, 80, 70), 4.0)]
     for i in sorted({0, len(frames) // 2, len(frames) - 1}):
         for size, augmentation in zip((40, 128, 64), augmentations):
-            fast, simple = (hf.preprocess_frame(f, size, augmentation) for f in (frames[i], reference[i]))
+            fast, simple = (preprocessing.preprocess_frame(f, size, augmentation) for f in (frames[i], reference[i]))
             assert np.array_equal(fast, simple), (name, i, size, augmentation)
 
 
@@ -127,11 +128,11 @@ def test_preprocessing_works_in_a_forked_loader_after_the_parent_used_it(clips):
     """Fine-tuning's loader processes are forked from a process that may have preprocessed frames already: the
     child must not inherit a scaler whose worker threads did not come along (it would wait forever)."""
     import multiprocessing
-    frame, odd = (hf.read_video_frames(clips[name])[0] for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
-    want = hf.preprocess_frame(frame, 40), hf.preprocess_frame(odd, 40)  # the scaler, and the odd sizes' graph
+    frame, odd = (video.read_video_frames(clips[name])[0] for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
+    want = preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40)  # the scaler, and the odd sizes' graph
     queue = multiprocessing.get_context('fork').SimpleQueue()
     child = multiprocessing.get_context('fork').Process(
-        target=lambda: queue.put((hf.preprocess_frame(frame, 40), hf.preprocess_frame(odd, 40))))
+        target=lambda: queue.put((preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40))))
     child.start()
     child.join(30)
     hung = child.is_alive()
@@ -149,10 +150,10 @@ def test_preprocessing_resizes_like_pillows_bilinear(tmp_path, size):
     subprocess.run([FFMPEG, '-y', '-v', 'error', '-f', 'lavfi', '-i', f'testsrc2=size={size}:rate=25',
                     '-frames:v', '6', '-c:v', 'libxvid', path], check=True)
     differences = []
-    for frame in hf.read_video_frames(path):
-        rgb = np.asarray(Image.fromarray(hf._rgb(frame)).resize((224, 224), Image.BILINEAR), np.float32)
-        v1 = np.stack([rgb[:, :, 2 - c] - hf.MEAN_BGR[c] for c in range(3)])
-        differences.append(np.abs(hf.preprocess_frame(frame, 224) - v1))
+    for frame in video.read_video_frames(path):
+        rgb = np.asarray(Image.fromarray(video._rgb(frame)).resize((224, 224), Image.BILINEAR), np.float32)
+        v1 = np.stack([rgb[:, :, 2 - c] - preprocessing.MEAN_BGR[c] for c in range(3)])
+        differences.append(np.abs(preprocessing.preprocess_frame(frame, 224) - v1))
     d = np.stack(differences)
     assert d.max() <= 2 and d.mean() < 0.1, (d.max(), d.mean())
 
@@ -161,11 +162,11 @@ def test_preprocessing_resizes_like_pillows_bilinear(tmp_path, size):
 def test_timestamped_containers_are_entered_at_a_keyframe(clips, name):
     """The fast path is used where it is exact: most frames come from a keyframe seek, not the fallback."""
     path = clips[name]
-    info = hf.video_info(path)
+    info = video.video_info(path)
     assert info.seek is not None and len(info.seek.key_pts) > 1
-    container, stream = hf._open_video(path)
+    container, stream = video._open_video(path)
     with container:
-        found = sum(hf._seek_frame(container, stream, info.seek, i) is not None for i in range(info.stored))
+        found = sum(video._seek_frame(container, stream, info.seek, i) is not None for i in range(info.stored))
     assert found >= 0.9 * info.stored
 
 
@@ -173,15 +174,15 @@ def test_avi_is_never_entered_by_timestamp(clips):
     """AVI stores no presentation timestamps for reordered frames: its clips are decoded from the start."""
     for name, (file_name, _) in ENCODINGS.items():
         if file_name.endswith('.avi'):
-            assert hf.video_info(clips[name]).seek is None, name
+            assert video.video_info(clips[name]).seek is None, name
 
 
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart'])
 def test_intact_clips_claim_what_they_hold(clips, name):
     """The count comes from the container's packets: audio longer than the video, a variable frame rate, or
     packed B-frames do not make an intact clip look truncated."""
-    info = hf.video_info(clips[name])
-    decoded = len(hf.read_frames(clips[name]))
+    info = video.video_info(clips[name])
+    decoded = len(video.read_frames(clips[name]))
     assert not info.truncated and info.frames == info.stored == decoded, (name, info.frames, decoded)
     expected = {'one-frame': 1, 'three-frames': 3, 'xvid-packed-bframes': 48, 'xvid-mp3-audio-longer': 48,
                 'vfr-mkv': None, 'ffv1-odd-321x241-mkv': 12, 'h264-pts-equal-dts-mp4': 48}.get(name, 50)
@@ -190,8 +191,8 @@ def test_intact_clips_claim_what_they_hold(clips, name):
 
 @pytest.mark.parametrize('name', TRUNCATED)
 def test_truncated_clips_claim_more_than_they_hold(clips, name):
-    info = hf.video_info(clips[name])
-    decoded = len(hf.read_frames(clips[name]))
+    info = video.video_info(clips[name])
+    decoded = len(video.read_frames(clips[name]))
     assert info.truncated and info.frames >= 48 and 0 < decoded < info.frames - 1, (name, info, decoded)
 
 
@@ -199,18 +200,18 @@ def test_unreadable_files_say_why(tmp_path, clips):
     cut = tmp_path / 'v_X_g01_c01.mp4'
     data = open(clips['h264-bpyramid-mp4'], 'rb').read()
     cut.write_bytes(data[:len(data) // 2])  # the index (moov) is at the end of a plain MP4: gone
-    with pytest.raises(hf.VideoError, match='moov atom not found'):
-        hf.video_info(str(cut))
+    with pytest.raises(video.VideoError, match='moov atom not found'):
+        video.video_info(str(cut))
     noise = tmp_path / 'noise.avi'
     noise.write_bytes(np.random.RandomState(0).bytes(5000))
-    with pytest.raises(hf.VideoError, match='not a readable video'):
-        hf.read_frame(str(noise), 0)
+    with pytest.raises(video.VideoError, match='not a readable video'):
+        video.read_frame(str(noise), 0)
     audio = tmp_path / 'audio.mp4'
     subprocess.run([FFMPEG, '-v', 'error', '-f', 'lavfi', '-i', 'sine=duration=1', str(audio)], check=True)
-    with pytest.raises(hf.VideoError, match='holds no video stream'):
-        hf.video_info(str(audio))
-    with pytest.raises(hf.VideoError, match='file not found'):
-        hf.iter_frames(str(tmp_path / 'missing.avi')).__next__()
+    with pytest.raises(video.VideoError, match='holds no video stream'):
+        video.video_info(str(audio))
+    with pytest.raises(video.VideoError, match='file not found'):
+        video.iter_frames(str(tmp_path / 'missing.avi')).__next__()
 
 
 def test_synthetic_set_has_packed_and_unpacked_bframes(tiny_ucf):
