@@ -175,9 +175,10 @@ def lstm_step():
     Adam as rnn.py trains), as a function; warmed up."""
     import chainer
     import rnn
+    from ucf import fast_lstm
     np.random.seed(0)
     model = rnn.RNN(1024, 512, 1, 512, 101)
-    optimizer = rnn.LeanAdam(1e-3)
+    optimizer = fast_lstm.LeanAdam(1e-3)
     optimizer.setup(model)
     rng = np.random.RandomState(0)
     data = [(rng.normal(size=(120, 1024)).astype(np.float32), np.int32(i % 101)) for i in range(32)]
@@ -325,7 +326,8 @@ def decoding_figures(folder, rounds):
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    differences = np.concatenate([np.abs(preprocessing.preprocess_frame(f, 224) - preprocess_v1(video._rgb(f), 224)).ravel()
+    differences = np.concatenate([np.abs(preprocessing.preprocess_frame(f, 224)
+                                          - preprocess_v1(video._rgb(f), 224)).ravel()
                                   for c in clips[:3] for f in video.iter_video_frames(c)])
     return dict(frames=frames, bare_fps=frames / min(times['bare']), v2_fps=frames / min(times['v2']),
                 v1_fps=frames / min(times['v1']),

@@ -43,7 +43,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import chainer
     import chainer.functions as F
-    import fast_conv
+    from ucf import fast_conv
     import bench
     from VGGNet import BLOCKS, CONV_LAYERS, WIDTHS
     layers, channels, size = [], 3, 224  # (in channels, out channels, size) of conv1_1 ... conv5_3

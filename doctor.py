@@ -97,7 +97,7 @@ def host_checks():
     from ucf.runcontrol import usable_cpus
     checks = [Check('CPUs for this job', 'ok', f'{usable_cpus()} of {os.cpu_count()} on the node (its cpuset)', '')]
     try:
-        import fast_conv
+        from ucf import fast_conv
         blas = fast_conv.blas_in_use()
         checks.append(Check('CPU convolution', 'ok' if blas else 'warn',
                             f"fast_conv on numpy's {blas}" if blas else "numpy has no OpenBLAS: fast_conv's slower "

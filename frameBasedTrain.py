@@ -89,7 +89,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
     """Example i: one frame of clip i, preprocessed, and the clip's label.
 
     train=True draws a random frame and random augmentations each time; train=False takes the middle frame
-    unaugmented (a fixed evaluation set). helperFunctions.read_video_frame returns exactly the frame that sequential
+    unaugmented (a fixed evaluation set). ucf.video.read_video_frame returns exactly the frame that sequential
     decoding shows at that index, whatever the encoding (B-frames in AVI included). A clip that cannot be read is
     reported once and replaced by another clip of the same class, so one bad file cannot stop a long run.
     """

@@ -306,12 +306,13 @@ def lstm_update(dev_or_none, size, seed=0):
     (None): (loss, {gradient}, {parameter after the update}), and the step function for timing."""
     import chainer
     import rnn
+    from ucf import fast_lstm
     batch, steps, n_in, hidden, bptt = size['lstm']
     np.random.seed(seed)
     model = rnn.RNN(n_in, hidden, 1, hidden, size['classes'])
     device = chainer.get_device('@numpy') if dev_or_none is None else dev_or_none.device
     model.to_device(device)
-    optimizer = rnn.LeanAdam(1e-3)
+    optimizer = fast_lstm.LeanAdam(1e-3)
     optimizer.setup(model)
     rng = np.random.RandomState(seed)
     data = [(rng.normal(size=(steps, n_in)).astype(np.float32), np.int32(i % size['classes'])) for i in range(batch)]
@@ -665,7 +666,7 @@ def environment(dev):
     import chainer
 
     import chainer_compat
-    import fast_conv
+    from ucf import fast_conv
     info = dict(python=platform.python_version(), numpy=np.__version__, chainer=chainer.__version__,
                 machine=platform.machine(), cpus=os.cpu_count(), compat=chainer_compat.applied(),
                 cpu_blas=fast_conv.blas_in_use(), cudnn=bool(chainer.backends.cuda.cudnn_enabled))

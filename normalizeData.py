@@ -18,9 +18,9 @@ import numpy as np
 from ucf.errors import DataError, warn
 from ucf.files import atomic_path, check_writable, ensure_space, refuse_overwriting_inputs
 from ucf.flags import HelpFormatter
+from ucf.packed_hdf5 import file_provenance, read_hdf5_header, write_packed
 from ucf.provenance import feature_size_mismatch, make_provenance, provenance_text, same_extraction
 from ucf.runcontrol import Progress, exit_on_user_error
-from packed_hdf5 import file_provenance, read_hdf5_header, write_packed
 
 
 def report_nonfinite(path, name):

@@ -26,9 +26,9 @@ from helperFunctions import clip_stem, read_class_index, read_split
 from ucf.errors import DataError, warn
 from ucf.files import check_writable, ensure_space
 from ucf.flags import HelpFormatter, add_data_flags
+from ucf.packed_hdf5 import write_packed
 from ucf.provenance import ExtractionManifest, describe_extraction, make_provenance, provenance_text
 from ucf.runcontrol import exit_on_user_error
-from packed_hdf5 import write_packed
 
 OUTPUTS = [('train', 'features', 'train1024.hdf5'), ('test', 'features', 'test1024.hdf5'),
            ('test', 'predictions', 'testPredictions1024.hdf5')]

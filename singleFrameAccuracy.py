@@ -17,9 +17,9 @@ from confusion import report_model, save_results
 from ucf.errors import DataError
 from ucf.files import refuse_overwriting_inputs
 from ucf.flags import HelpFormatter
+from ucf.packed_hdf5 import file_provenance, read_clip, read_hdf5_header
 from ucf.provenance import make_provenance, provenance_text
 from ucf.runcontrol import exit_on_user_error
-from packed_hdf5 import file_provenance, read_clip, read_hdf5_header
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
 

@@ -13,12 +13,12 @@ import pytest
 
 import VGGNet_1024
 import normalizeData
-import packed_hdf5
 import saveFeatures_1024
 import save_hdf5
 import singleFrameAccuracy
 from conftest import ROOT, extraction_args
 from helperFunctions import clip_stem, read_split
+from ucf import packed_hdf5
 from ucf.preprocessing import preprocess_frame
 from ucf.video import read_video_frames
 

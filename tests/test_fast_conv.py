@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import VGGNet_1024
-import fast_conv
+from ucf import fast_conv
 
 
 @pytest.mark.parametrize('shape,out,bias', [((2, 5, 7, 9), 4, True), ((1, 3, 1, 1), 2, False),

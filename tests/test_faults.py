@@ -543,8 +543,8 @@ def test_truncated_hdf5_is_called_truncated(script, reference_packed, tmp_path):
 
 
 @pytest.mark.parametrize('script, flag', [('rnn.py', '--hidden'), ('rnn.py', '--batchsize'), ('rnn.py', '--seqlen'),
-                                          ('frameBasedTrain.py', '--feature-size'),
-                                          ('frameBasedTrain.py', '--batchsize'), ('saveFeatures_1024.py', '--batchsize')])
+                                          ('frameBasedTrain.py', '--feature-size'), ('frameBasedTrain.py', '--batchsize'),
+                                          ('saveFeatures_1024.py', '--batchsize')])
 def test_sizes_that_cannot_fit_in_memory(script, flag, tiny_ucf, tiny_model, small_vgg, reference_packed, tmp_path):
     """`--hidden 1e9` and the like: "'1e9' is not a number", and written out, a MemoryError traceback (or a
     node swapping to a halt). Now: the memory they need, what is available, which flags to lower."""
@@ -569,7 +569,7 @@ def test_sizes_that_cannot_fit_in_memory(script, flag, tiny_ucf, tiny_model, sma
 def narrower_copy(source, destination, dim, spoil=()):
     """A packed file like `source` (same clips, split and record) whose features keep their first `dim` columns;
     the clips of `spoil` get a NaN."""
-    import packed_hdf5
+    from ucf import packed_hdf5
     with h5py.File(source, 'r') as f:
         names = [n.decode() for n in f['_index/clips'][()]]
         items = [(n, int(f[n].attrs['label']), f[n][()][:, :dim]) for n in names]
@@ -676,7 +676,7 @@ def test_generator_refuses_the_flags_it_sets(extra, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_constant_and_non_finite_features(reference_packed, tmp_path):
-    from packed_hdf5 import read_clip, read_hdf5_header, write_packed
+    from ucf.packed_hdf5 import read_clip, read_hdf5_header, write_packed
     source = reference_packed / 'train1024.hdf5'
     header = read_hdf5_header(str(source))
     poisoned = header['clips'][:2]

@@ -10,7 +10,8 @@ import pytest
 
 import rnn
 from helperFunctions import pad_sequence, repeatSequence
-from packed_hdf5 import write_packed
+from ucf import fast_lstm
+from ucf.packed_hdf5 import write_packed
 
 CLASSES = ['Down', 'Still', 'Up']
 
@@ -214,7 +215,7 @@ def test_lstm_layer_is_chainer_lstm_step_by_step(layers, steps, by_exp, monkeypa
     """LSTMLayer against F.lstm: the outputs, the carried state and every gradient (parameters, input, incoming
     state), at the handout's gate order, with a state carried in from a previous chunk and saturated gates; both
     the CPU's exp arithmetic and the one a GPU runs (here on numpy)."""
-    monkeypatch.setattr(rnn.LSTMLayer, 'BY_EXP', by_exp)
+    monkeypatch.setattr(fast_lstm.LSTMLayer, 'BY_EXP', by_exp)
     rng = np.random.RandomState(layers)
     model = rnn.RNN(12, 16, layers, 10, 5)
     for p in model.params():
@@ -260,7 +261,7 @@ def test_lean_adam_is_chainers_adam_bit_for_bit():
     start = [rng.normal(size=s).astype(np.float32) for s in shapes]
     grads = [[rng.normal(size=s).astype(np.float32) * 10 ** rng.uniform(-4, 1) for s in shapes] for _ in range(4)]
     finals = []
-    for optimizer in (rnn.LeanAdam(alpha=1e-3), chainer.optimizers.Adam(alpha=1e-3)):
+    for optimizer in (fast_lstm.LeanAdam(alpha=1e-3), chainer.optimizers.Adam(alpha=1e-3)):
         model = chainer.ChainList(*[chainer.Link() for _ in shapes])
         for link, s in zip(model, start):
             with link.init_scope():

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-import frameBasedTrain
 import VGGNet
 import VGGNet_1024
+import frameBasedTrain
 from helperFunctions import read_split
 
 

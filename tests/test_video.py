@@ -117,7 +117,8 @@ def test_preprocessing_the_decoders_frames_is_preprocessing_the_command_lines_rg
     """preprocess_frame on the decoder's own frames (what extraction and training give it) equals it on the RGB
     frames ffmpeg's command line writes, bit for bit: down- and upscaled, flipped, cropped and rotated."""
     frames, reference = video.read_video_frames(clips[name]), command_line_decode(clips[name])
-    augmentations = [helperFunctions.NO_AUGMENTATION, helperFunctions.Augmentation(True, None, 0.0), helperFunctions.Augmentation(False, (5, 3, 80, 70), 4.0)]
+    augmentations = [helperFunctions.NO_AUGMENTATION, helperFunctions.Augmentation(True, None, 0.0),
+                     helperFunctions.Augmentation(False, (5, 3, 80, 70), 4.0)]
     for i in sorted({0, len(frames) // 2, len(frames) - 1}):
         for size, augmentation in zip((40, 128, 64), augmentations):
             fast, simple = (preprocessing.preprocess_frame(f, size, augmentation) for f in (frames[i], reference[i]))
@@ -129,7 +130,8 @@ def test_preprocessing_works_in_a_forked_loader_after_the_parent_used_it(clips):
     child must not inherit a scaler whose worker threads did not come along (it would wait forever)."""
     import multiprocessing
     frame, odd = (video.read_video_frames(clips[name])[0] for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
-    want = preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40)  # the scaler, and the odd sizes' graph
+    # the scaler, and the odd sizes' graph
+    want = preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40)
     queue = multiprocessing.get_context('fork').SimpleQueue()
     child = multiprocessing.get_context('fork').Process(
         target=lambda: queue.put((preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40))))

@@ -59,7 +59,7 @@ def add_device_flag(group):
 
 def add_conv_flag(group):
     group.add_argument('--conv', default='fast', choices=('stock', 'fast'),
-                       help="fast: fast_conv.py's CPU convolution and pooling (about 2x stock on VGG16; GPU arrays "
+                       help="fast: ucf/fast_conv.py's CPU convolution and pooling (about 2x stock on VGG16; GPU arrays "
                             "use Chainer's own either way); stock: Chainer's own")
 
 
