@@ -181,6 +181,7 @@ class SequenceDataset(chainer.dataset.DatasetMixin):
         return x.astype(np.float32), self.clips.labels[i]
 
 
+@chainer.dataset.converter()
 def crop_to_shortest(batch, device=None):
     """Chainer's converter, after cutting every sequence to the batch's shortest (--padding crop leaves short
     clips unpadded; with any other rule all are --seqlen long and nothing is cut)."""

@@ -849,13 +849,18 @@ def test_features_copied_without_their_times(tiny_ucf, tiny_model, extracted, re
     assert result.returncode == 0, result.stderr  # accepted: the files' content digests match the record
     for name in ('train1024.hdf5', 'test1024.hdf5', 'testPredictions1024.hdf5'):
         assert same_hdf5(tmp_path / 'packed' / name, reference_packed / name)
+    manifest = saveFeatures_1024.ExtractionManifest(str(work / 'UCF-101_features'),
+                                                    str(work / 'UCF-101_framePrediction'))
+    clip = read_split(os.path.join(tiny_ucf[0], 'ucfTrainTestlist'), 1, 'train')[0].path
+    recorded = manifest.entries()[clip][manifest.tag_of(clip, ('features',))]
+    assert manifest._match(clip, recorded, ('features',)) == 'same'  # checked by packing: its new time recorded
+    assert manifest._match(clip, recorded, ('predictions',)) == 'copied'  # not packed for training: not vouched for
     result = run('saveFeatures_1024.py', *extraction_args(tiny_ucf, tiny_model, str(work), '--num-shards', '1'))
     assert result.returncode == 0 and re.search(r'(\d+) already done by this extraction \(\w+\), 0 to do',
                                                 result.stderr), result.stderr
     # Checked once: the copies' times are on record now, so the next check is a stat, not a read.
     manifest = saveFeatures_1024.ExtractionManifest(str(work / 'UCF-101_features'),
                                                     str(work / 'UCF-101_framePrediction'))
-    clip = read_split(os.path.join(tiny_ucf[0], 'ucfTrainTestlist'), 1, 'train')[0].path
     assert manifest._match(clip, manifest.entries()[clip][manifest.tag_of(clip)], manifest.KINDS) == 'same'
     record('provenance', 'features copied with `cp -r` (modification times lost)', 'save_hdf5.py, extraction',
            'packed as the originals; the rerun re-extracts nothing (content digests checked once, then stats)')

@@ -197,7 +197,7 @@ class ExtractionManifest:
         for tag, recorded in self.entries().get(clip_path, {}).items():
             verdict = self._match(clip_path, recorded, kinds)
             if verdict == 'copied':
-                self._restamp(clip_path, tag, recorded)
+                self._restamp(clip_path, tag, recorded, kinds)
             if verdict in ('same', 'copied'):
                 return tag
         return None
@@ -214,13 +214,14 @@ class ExtractionManifest:
                     'checked: copy them again with `cp -p`/`rsync -a` from the original, or re-extract them')
         return 'changed since the extraction that wrote them recorded them (rewritten by another run or by hand)'
 
-    def _restamp(self, clip_path, tag, recorded):
-        """Add a line with the copied files' new times (same sizes, same digests), so that the next check is a
-        stat again. Best effort: on a read-only copy the digests are simply checked again next time."""
+    def _restamp(self, clip_path, tag, recorded, kinds):
+        """Add a line with the new times of the copied files of these kinds, just checked by digest (a kind not
+        checked keeps its recorded time, to be checked when asked for), so that the next check is a stat again.
+        Best effort: on a read-only copy the digests are simply checked again next time."""
         current = self._stamps(clip_path)
         fields = [clip_path]
-        for now, (size, stamp, digest) in zip(current, recorded):
-            fields += [*(now or (size, stamp)), digest]
+        for kind, now, (size, stamp, digest) in zip(self.KINDS, current, recorded):
+            fields += [*(now if kind in kinds and now else (size, stamp)), digest]
         with contextlib.suppress(OSError):
             with open(os.path.join(self.folder, f'{tag}.{_host()}.{os.getpid()}.tsv'), 'a') as f:
                 f.write('\t'.join(fields) + '\n')
