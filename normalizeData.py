@@ -74,9 +74,9 @@ class NormalizedItems:
     found these clips finite already). The labels come from the file's index (`labels`: name -> label; reading
     each dataset's attribute costs ~0.2 ms a clip)."""
 
-    def __init__(self, path, clips, labels, mean, std, checked=False):
+    def __init__(self, path, clips, labels, mean, std, checked=False, left_out=()):
         self.path, self.clips, self.labels, self.checked = path, clips, labels, checked
-        self.mean, self.std, self.left_out = mean.astype(np.float32), std.astype(np.float32), []
+        self.mean, self.std, self.left_out = mean.astype(np.float32), std.astype(np.float32), list(left_out)
 
     def __iter__(self):
         with h5py.File(self.path, 'r') as f:
@@ -126,9 +126,9 @@ def main(argv=None):
             record = make_provenance('normalizeData.py', input=sources[source],
                                      statistics=dict(path=os.path.abspath(args.train), frames=int(count)))
             labels = dict(zip(header['clips'], (int(label) for label in header['labels'])))
-            items = NormalizedItems(source, clips, labels, mean, safe_std, checked=source == args.train)
-            kept = set(clips)
-            items.left_out = [c for c in header['clips'] if c not in kept]  # the statistics pass's, for train
+            kept = set(clips)  # the training clips the statistics pass found finite; every test clip
+            items = NormalizedItems(source, clips, labels, mean, safe_std, checked=source == args.train,
+                                    left_out=[c for c in header['clips'] if c not in kept])
             n_clips, n_frames = write_packed(out, items, len(clips),
                                              header['classes'], split=header['split'], subset=header['subset'],
                                              kind='normalized features', provenance=provenance_text(record))

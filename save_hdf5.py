@@ -91,27 +91,24 @@ def one_extraction(plan, features_dir, predictions_dir, split):
     """The record of the one extraction that wrote every file to pack (plan: [(clips, kind)]); DataError when the
     files come from several (another model's features left in place), from none on record, or another split."""
     manifest = ExtractionManifest(features_dir, predictions_dir)
-    records, groups, reasons = manifest.records(), {}, {}
+    records, groups = manifest.records(), {}  # {(tag, why no tag): {clip: [kinds]}}
     for clips, kind in plan:
         for clip in clips:
             tag = manifest.tag_of(clip.path, (kind,))
-            if tag is None:
-                tag = reasons.setdefault(manifest.why_not(clip.path, (kind,)), f'?{len(reasons)}')
-            groups.setdefault(tag, {}).setdefault(clip.path, []).append(kind)
-    if len(groups) > 1 or reasons:
-        why = {code: reason for reason, code in reasons.items()}
-
-        def line(tag, files):
+            reason = None if tag else manifest.why_not(clip.path, (kind,))
+            groups.setdefault((tag, reason), {}).setdefault(clip.path, []).append(kind)
+    untraced = any(tag is None for tag, _ in groups)
+    if len(groups) > 1 or untraced:
+        def line(key, files):
             n_files = sum(map(len, files.values()))
             counted = f'{len(files)} clips' + (f' ({n_files} files)' if n_files != len(files) else '')
-            return (f'  {counted} (e.g. {next(iter(files))}): '
-                    + (why[tag] if tag in why else describe_extraction(records.get(tag))))
-        lines = [line(tag, files) for tag, files in sorted(groups.items(), key=lambda item: -len(item[1]))]
+            return f'  {counted} (e.g. {next(iter(files))}): ' + (key[1] or describe_extraction(records.get(key[0])))
+        lines = [line(key, files) for key, files in sorted(groups.items(), key=lambda item: -len(item[1]))]
         problem = 'do not all come from one extraction' if len(groups) > 1 else 'cannot be traced to an extraction'
         raise DataError(f'the files in {features_dir}/ and {predictions_dir}/ {problem}:\n' + '\n'.join(lines)
                         + '\nRerun ./saveFeatures.sh with the model you want (it re-extracts every clip that came '
                         'from anything else), then pack again.')
-    tag = next(iter(groups), None)
+    tag = next(iter(groups), (None, None))[0]
     record = records.get(tag)
     if record is None:
         raise DataError(f'{features_dir}/.extractions/{tag}.json is missing; rerun ./saveFeatures.sh')
