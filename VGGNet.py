@@ -7,6 +7,7 @@
 Inputs are 3 x insize x insize, BGR minus the Caffe mean (ucf/preprocessing.py). The real weights
 are for insize 224; smaller inputs (multiples of 32) with random weights serve the tests and the demo.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import contextlib
 import os

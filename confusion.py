@@ -7,6 +7,7 @@ label and class scores. This script writes, for each model, the confusion matrix
 confused class pairs, then the classes that the LSTM improved most, and those it did not improve or made worse,
 as a table (markdown and CSV) and a bar chart.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import csv
 import os

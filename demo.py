@@ -3,6 +3,7 @@
     make demo            (or: .venv/bin/python demo.py --out demo)
 
 What differs from a real run, to finish in a few minutes on 2 CPU cores: 8 classes instead of 101 (4 recognisable
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 from one frame, 2 pairs that differ only in motion), 160x120 clips of 30-80 frames, a randomly initialised
 VGG16-shaped network (narrow, 32x32 inputs; no ImageNet weights can be downloaded here), a 128-d fc7 instead of
 1024, and a shorter LSTM schedule. Every script, file format and step is the real one.

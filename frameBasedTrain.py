@@ -6,6 +6,7 @@ Each epoch draws one random frame (randomly flipped by default) from every train
 fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A snapshot is taken every epoch in
 --out; `--resume auto` continues from the newest one after a kill or a walltime limit.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import collections
 import os

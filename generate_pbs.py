@@ -19,11 +19,13 @@ may need its init script first (--setup and --module lines run in the order give
 The PBS scripts also run under Slurm's PBS wrapper (`qsub` from slurm-wlm-torque), where PBS_O_WORKDIR and
 PBS_ARRAYID are empty: they fall back to SLURM_SUBMIT_DIR and SLURM_ARRAY_TASK_ID.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -133,30 +135,51 @@ def submit(command, dry_run):
 
 
 def run_local(args):
-    """Run the shards on this machine, `--parallel` at a time, each logging to its own file."""
+    """Run the shards on this machine, `--parallel` at a time, each logging to its own file. Each shard runs in its
+    own process group, so that a Ctrl-C reaches it once, from here: it stops with its files whole, and so does
+    this script (one line, exit status 130)."""
     os.makedirs(args.log_dir, exist_ok=True)
     waiting = list(range(args.num_shards))
     running, failed, start = {}, [], time.time()
-    while waiting or running:
-        while waiting and len(running) < args.parallel:
-            shard = waiting.pop(0)
-            log = open(os.path.join(args.log_dir, f'{args.name}_{shard:02d}.log'), 'w')
-            running[shard] = (subprocess.Popen(extraction_argv(args, shard), stdout=log, stderr=subprocess.STDOUT),
-                              log)
-        time.sleep(0.2)
-        for shard, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[shard]
-                with open(log.name) as f:
-                    last = (f.read().strip().splitlines() or ['(no output)'])[-1]
-                last = last.split(': ', 1)[-1] if last.startswith(f'shard {shard} done:') else last
-                print(f'[{time.time() - start:6.0f}s] shard {shard} of {args.num_shards} '
-                      f'{"finished" if proc.returncode == 0 else f"FAILED ({proc.returncode})"}: {last}', flush=True)
-                if proc.returncode:
-                    failed.append(shard)
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.parallel:
+                shard = waiting.pop(0)
+                log = open(os.path.join(args.log_dir, f'{args.name}_{shard:02d}.log'), 'w')
+                running[shard] = (subprocess.Popen(extraction_argv(args, shard), stdout=log,
+                                                   stderr=subprocess.STDOUT, process_group=0), log)
+            time.sleep(0.2)
+            for shard, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[shard]
+                    with open(log.name) as f:
+                        last = (f.read().strip().splitlines() or ['(no output)'])[-1]
+                    last = last.split(': ', 1)[-1] if last.startswith(f'shard {shard} done:') else last
+                    print(f'[{time.time() - start:6.0f}s] shard {shard} of {args.num_shards} '
+                          f'{"finished" if proc.returncode == 0 else f"FAILED ({proc.returncode})"}: {last}',
+                          flush=True)
+                    if proc.returncode:
+                        failed.append(shard)
+    finally:
+        stop_shards(running.values())
     if failed:
         sys.exit(f'error: shards {failed} failed; see their logs in {args.log_dir}/ and rerun (done clips are kept)')
+
+
+def stop_shards(running, patience=60):
+    """Ctrl-C to every shard still running (each ends with its files whole and a line in its log), then wait for
+    them; one that has not ended after `patience` seconds is killed (its finished clips are kept all the same)."""
+    for proc, _ in running:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc, log in running:
+        try:
+            proc.wait(timeout=patience)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 class InOrder(argparse.Action):
@@ -252,7 +275,8 @@ def main(argv=None):
             for shard in range(args.num_shards):
                 print('$ ' + shell_line(extraction_argv(args, shard)))
             return []
-        run_local(args)
+        with exit_on_user_error():
+            run_local(args)
         return []
     if not args.dry_run:
         with exit_on_user_error():  # a disk that fills up now, say

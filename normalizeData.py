@@ -8,6 +8,7 @@ feature_stats1024.npz (mean, std, frame count). The statistics are accumulated c
 std 1 (it normalises to 0, never NaN); a clip holding NaN or inf is reported and left out of both the statistics
 and the output, so no NaN reaches a model.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import os
 import sys

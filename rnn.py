@@ -15,6 +15,7 @@ flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of e
   full      the whole clip in one pass, log softmax averaged over all steps
   last      the whole clip, the last step only
   weighted  the whole clip, steps weighted linearly toward the end
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
   segments  --segments sequences of --seqlen frames spread over the clip, their scores averaged
 The first technique's per-clip scores go to lstm_results.npz for confusion.py.
 """

@@ -9,6 +9,7 @@ every inference technique. Each run keeps its own folder in --out, named by its 
 its settings (the arguments after `--` included), and a run that is already complete with exactly those settings
 is not trained again, so an interrupted sweep continues where it stopped while a changed argument trains anew.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import csv
 import hashlib

@@ -13,6 +13,7 @@ frames that did; both are listed with the reason in extraction_logs/failures_sha
 yields every frame it can; the last frame of a UCF-101 clip is often broken, so one frame short of the packets a
 file holds is expected and not reported.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import contextlib
 import csv

@@ -14,6 +14,7 @@ extraction (one model, this split: saveFeatures_1024.py records which wrote each
 Each file's 'provenance' attribute holds the extraction's record (model digest, split, input size,
 preprocessing, code version).
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import csv
 import glob

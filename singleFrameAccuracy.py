@@ -7,6 +7,7 @@ as in the handout. Prints `Accuracy(top 1, top 5, top 10): (a,b,c)` with the num
 writes singleFrame_results.npz (per-clip scores, for the comparison with the LSTM) and, in --out, the
 confusion matrix (PNG, CSV), the per-class accuracy (CSV) and the most confused class pairs.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import os
 

@@ -12,6 +12,7 @@ Two kinds of classes test what the handout is about:
   position in the cycle is uniformly distributed, so one frame carries no information about which member it is:
   a single-frame model is at chance (50%) inside a pair, a sequence model is not.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import colorsys
 import multiprocessing

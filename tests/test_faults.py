@@ -59,7 +59,7 @@ def run(script, *args, cwd=None, limit_bytes=None, timeout=300):
 
 def start(script, *args, cwd=None):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=sigint_as_at_a_terminal)
 
 
 def error_line(result):
@@ -94,13 +94,25 @@ RNG = np.random.RandomState(int(os.environ.get('FAULT_SEED', '12345')))
 # Kills
 # ----------------------------------------------------------------------------------------------------------
 
+def sigint_as_at_a_terminal():
+    """In a child: SIGINT as an interactive shell leaves it. A test run from a script's background job (or nohup)
+    inherits SIGINT ignored, and Python keeps it ignored: the Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize('step,delay', [('saveFeatures_1024.py', 0.3), ('frameBasedTrain.py', 0.0),
-                                        ('frameBasedTrain.py', 0.5)])
+                                        ('frameBasedTrain.py', 0.5), ('generate_pbs.py', 0.3)])
 def test_ctrl_c_is_one_line(step, delay, tiny_ucf, tiny_model, small_vgg, tmp_path):
-    """Ctrl-C at a terminal interrupts the whole process group (the step and its loader processes)."""
+    """Ctrl-C at a terminal interrupts the whole process group (the step and its loader processes). The instant
+    does not matter (tests below cover the libraries loading and an extension module's initialisation), so the
+    delays only vary where it lands."""
     root, _ = tiny_ucf
     if step == 'saveFeatures_1024.py':
         args = extraction_args(tiny_ucf, tiny_model, str(tmp_path), '--shard', '0', '--num-shards', '1')
+        started = lambda: (tmp_path / 'UCF-101_features').exists()  # noqa: E731
+    elif step == 'generate_pbs.py':  # the local runner: its shards run in their own process groups
+        args = ['--scheduler', 'local', '--num-shards', '2', '--parallel', '2', '--log-dir', str(tmp_path / 'jobs'),
+                '--'] + extraction_args(tiny_ucf, tiny_model, str(tmp_path))
         started = lambda: (tmp_path / 'UCF-101_features').exists()  # noqa: E731
     else:
         args = ['--data', os.path.join(root, 'UCF-101'), '--lists', os.path.join(root, 'ucfTrainTestlist'),
@@ -109,18 +121,58 @@ def test_ctrl_c_is_one_line(step, delay, tiny_ucf, tiny_model, small_vgg, tmp_pa
         started = lambda: (tmp_path / 'log').exists()  # noqa: E731  (the loader processes are running)
     with open(tmp_path / 'err', 'wb') as err:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, step), *args], stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+                                stderr=err, start_new_session=True, preexec_fn=sigint_as_at_a_terminal)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not started():
             time.sleep(0.05)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=90)
     stderr = (tmp_path / 'err').read_text()
     assert code == 130 and 'Traceback' not in stderr, stderr[-2000:]
     line = [l for l in stderr.splitlines() if l.startswith('interrupted:')]
     assert line and 'Run the same command again' in line[0]
-    record('Ctrl-C', 'SIGINT to the step and its loader processes', step, f'exit {code}, one line: "{line[0][:90]}..."')
+    outcome = f'exit {code}, one line: "{line[0][:90]}..."'
+    if step == 'generate_pbs.py':
+        assert not processes_mentioning(str(tmp_path)), 'the shards should have stopped with it'
+        for log in sorted((tmp_path / 'jobs').glob('saveFeatures_*.log')):
+            text = log.read_text()
+            assert 'Traceback' not in text and ('interrupted:' in text or 'done:' in text), text[-2000:]
+        for name in whole_files(str(tmp_path / 'UCF-101_features')):
+            np.load(tmp_path / 'UCF-101_features' / name)
+        outcome += '; its shards stopped each with its own line, every feature file whole'
+    record('Ctrl-C', 'SIGINT to the step and its loader processes', step, outcome)
+
+
+def processes_mentioning(text):
+    """PIDs of the processes whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.parametrize('where', ['while the libraries load', 'an extension module initialising'])
+def test_ctrl_c_at_any_instant_is_one_line(where):
+    """A Ctrl-C before a step's main() runs (its imports take seconds on a busy node), and one that lands while an
+    extension module initialises: pybind11 turns it into 'ImportError: initialization failed' caused by the
+    interrupt (matplotlib's Agg backend, imported at the first plot: a fine-tuning run's traceback and exit 1).
+    Both instants are made here exactly, rather than hit by chance."""
+    code = ('import ucf, os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport time\ntime.sleep(30)'
+            if where == 'while the libraries load' else
+            'from ucf.runcontrol import exit_on_user_error\nwith exit_on_user_error():\n'
+            '    try:\n        raise KeyboardInterrupt\n    except KeyboardInterrupt as e:\n'
+            "        raise ImportError('initialization failed') from e\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            preexec_fn=sigint_as_at_a_terminal)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 130 and len(lines) == 1 and lines[0].startswith('interrupted:'), result.stderr
+    record('Ctrl-C', f'SIGINT {where}', 'every step', f'exit 130, one line: "{lines[0][:60]}..."')
 
 
 def test_loader_processes_start_with_ctrl_c_held(tiny_ucf, small_vgg, tmp_path):

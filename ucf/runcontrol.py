@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ucf.errors import DataError, warn
+from ucf.errors import DataError, interrupted, say_interrupted, warn
 from ucf.files import human_bytes
 from ucf.flags import device_from_arg
 
@@ -59,28 +59,25 @@ def check_memory(parts, device_spec, advice):
 def exit_on_user_error():
     """Bad input, and output that cannot be written (full disk, quota, read-only or wrong folder), end the
     script with one line `error: ...` and exit status 1 instead of a traceback. Files are written atomically,
-    so nothing incomplete is left under a final name. Ctrl-C ends it with one line too, and exit status 130."""
+    so nothing incomplete is left under a final name. Ctrl-C ends it with one line too, and exit status 130,
+    whatever it interrupted (a lazy import of an extension module included)."""
     try:
         yield
-    except KeyboardInterrupt:
-        # What Ctrl-C cut short (a half-read .npz, say) may complain from its destructor at exit: noise now.
-        sys.unraisablehook = lambda unraisable: None
-        print(f'\ninterrupted: {os.path.basename(sys.argv[0]) or "the step"} stopped (Ctrl-C); every file under its '
-              'final name is whole. Run the same command again to continue (training: add --resume auto to '
-              'continue from the last snapshot)', file=sys.stderr, flush=True)
-        sys.exit(130)
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except MemoryError as e:  # CuPy's OutOfMemoryError is one too; the estimates before the work are lower bounds
-        sys.exit(f'error: out of memory ({str(e).strip()[:200] or "the machine has no more"}): lower the batch '
-                 'size (--batchsize) or the model\'s size, or ask the scheduler for more memory; files already '
-                 'written are whole, and a rerun resumes')
-    except OSError as e:
-        if isinstance(e, FileNotFoundError) and not e.filename:
-            raise
-        what = e.filename or 'output'
-        sys.exit(f'error: {what}: {e.strerror or e} (errno {e.errno}). Check the path, free some space or choose '
-                 'another output folder, then rerun; no incomplete file was kept under a final name.')
+    except BaseException as e:
+        if interrupted(e):
+            say_interrupted()
+            sys.exit(130)
+        if isinstance(e, DataError):
+            sys.exit(f'error: {e}')
+        if isinstance(e, MemoryError):  # CuPy's OutOfMemoryError is one too; the estimates before are lower bounds
+            sys.exit(f'error: out of memory ({str(e).strip()[:200] or "the machine has no more"}): lower the batch '
+                     'size (--batchsize) or the model\'s size, or ask the scheduler for more memory; files already '
+                     'written are whole, and a rerun resumes')
+        if isinstance(e, OSError) and (e.filename or not isinstance(e, FileNotFoundError)):
+            sys.exit(f'error: {e.filename or "output"}: {e.strerror or e} (errno {e.errno}). Check the path, free '
+                     'some space or choose another output folder, then rerun; no incomplete file was kept under a '
+                     'final name.')
+        raise
 
 
 class PlainLines:
