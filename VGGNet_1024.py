@@ -14,6 +14,10 @@ from VGGNet import (CONV_LAYERS, LAYERS, WIDTHS, VGGTrunk, graph_if, model_prove
 from ucf.errors import DataError
 
 
+# What extraction keeps of every frame, by name: saveFeatures_1024.py writes one folder of .npy files per output.
+OUTPUTS = ('features', 'predictions')
+
+
 class VGGNet_1024(VGGTrunk):
 
     def __init__(self, n_classes=101, insize=224, widths=WIDTHS, fc6_size=4096, feature_size=1024, conv='stock',
@@ -51,6 +55,11 @@ class VGGNet_1024(VGGTrunk):
             h = self.fc7_features(x)
             return F.softmax(self.fc8(h)).array, chainer.as_array(h)
 
+    def outputs(self, x):
+        """{output name (OUTPUTS): array} of a batch of frames, in test mode: the fc7 feature, the softmax."""
+        prob, feature = self.predict(x)
+        return {'features': feature, 'predictions': prob}
+
 
 def from_vgg(vgg, n_classes, feature_size=1024, train_from='fc7', seed=None, dropout=0.5):
     """A VGGNet_1024 whose conv1_1 ... fc6 are copies of `vgg`'s and whose fc7, fc8 are new."""
@@ -77,4 +86,4 @@ def load_model(path, conv='stock', train_from='fc7'):
     return model
 
 
-__all__ = ['VGGNet_1024', 'from_vgg', 'load_model', 'save_model', 'LAYERS']
+__all__ = ['VGGNet_1024', 'OUTPUTS', 'from_vgg', 'load_model', 'save_model', 'LAYERS']

@@ -247,26 +247,23 @@ class GeneratedClips:
         return self.sizes
 
 
-def evaluate_unshared(model, clips, seqlen, segments=5, batchsize=32):
-    """The reference for rnn.evaluate's 'full' and 'segments': every sequence (the clip, each padded segment)
-    through the whole network from its features, as rnn.py did before the first layer's projection was shared."""
+def evaluate_unshared(model, clips, techniques, seqlen, segments=5, batchsize=32, padding='reverse'):
+    """The reference for rnn.evaluate: every sequence of each technique (rnn.INFERENCE: the clip, each padded
+    segment) through the whole network from its features, as rnn.py did before the first layer's projection was
+    shared, one technique at a time."""
     import rnn
-    from helperFunctions import repeatSequence
     order = np.argsort(clips.lengths(), kind='stable')
-    scores = {t: np.zeros((len(clips), 101), np.float32) for t in ('full', 'segments')}
+    scores = {t: np.zeros((len(clips), 101), np.float32) for t in techniques}
     for b in range(0, len(order), batchsize):
         index = order[b:b + batchsize]
         features = [clips.read(i) for i in index]
-        for i, log_probs in zip(index, rnn.step_log_probs(model, features)):
-            scores['full'][i] = log_probs.mean(axis=0)
-        pieces, owners = [], []
-        for i, x in zip(index, features):
-            for start in rnn.segment_starts(len(x), seqlen, segments):
-                pieces.append(repeatSequence(x[start:start + seqlen], seqlen))
-                owners.append(i)
-        piece_scores = np.stack([p.mean(axis=0) for p in rnn.step_log_probs(model, pieces)])
-        for i in index:
-            scores['segments'][i] = piece_scores[np.array(owners) == i].mean(axis=0)
+        for t in techniques:
+            technique = rnn.INFERENCE[t]
+            rows = [technique.sequences(len(x), seqlen, segments, padding) for x in features]
+            log_probs = iter(rnn.step_log_probs(model, [x[r] for x, clip_rows in zip(features, rows)
+                                                        for r in clip_rows]))
+            for i, clip_rows in zip(index, rows):
+                scores[t][i] = technique.score([next(log_probs) for _ in clip_rows])
     return scores
 
 
@@ -278,8 +275,9 @@ def evaluation_figures(count, repeat):
     np.random.seed(0)
     model = rnn.RNN(1024, 512, 1, 512, 101)
     shared = best_time(lambda: rnn.evaluate(model, clips, ['full', 'segments'], 120), repeat)
-    unshared = best_time(lambda: evaluate_unshared(model, clips, 120), repeat)
-    a, b = rnn.evaluate(model, clips, ['full', 'segments'], 120), evaluate_unshared(model, clips, 120)
+    unshared = best_time(lambda: evaluate_unshared(model, clips, ['full', 'segments'], 120), repeat)
+    a, b = rnn.evaluate(model, clips, ['full', 'segments'], 120), evaluate_unshared(model, clips, ['full', 'segments'],
+                                                                                     120)
     return dict(clips=count, frames=int(clips.sizes.sum()), seconds=shared, unshared_seconds=unshared,
                 split1_test_seconds=shared * 3783 / count,
                 max_abs_difference=float(max(np.abs(a[t] - b[t]).max() for t in a)))
@@ -313,13 +311,13 @@ def decoding_figures(folder, rounds):
 
     def v2():
         for c in clips:
-            for k, frame in enumerate(video.iter_video_frames(c)):
+            for k, frame in enumerate(video.iter_frames(c)):
                 preprocessing.preprocess_frame(frame, 224, out=batch[k % len(batch)])
 
     def v1():
         for c in clips:
             for k, frame in enumerate(video.iter_frames(c)):
-                batch[k % len(batch)] = preprocess_v1(frame, 224)
+                batch[k % len(batch)] = preprocess_v1(frame.rgb, 224)
     times = {name: [] for name in ('bare', 'v2', 'v1')}
     for _ in range(rounds):
         for name, run in (('bare', bare), ('v2', v2), ('v1', v1)):
@@ -327,8 +325,8 @@ def decoding_figures(folder, rounds):
             run()
             times[name].append(time.perf_counter() - start)
     differences = np.concatenate([np.abs(preprocessing.preprocess_frame(f, 224)
-                                          - preprocess_v1(video._rgb(f), 224)).ravel()
-                                  for c in clips[:3] for f in video.iter_video_frames(c)])
+                                          - preprocess_v1(f.rgb, 224)).ravel()
+                                  for c in clips[:3] for f in video.iter_frames(c)])
     return dict(frames=frames, bare_fps=frames / min(times['bare']), v2_fps=frames / min(times['v2']),
                 v1_fps=frames / min(times['v1']),
                 v2_of_bare_median=float(np.median(np.array(times['bare']) / np.array(times['v2']))),
@@ -337,10 +335,10 @@ def decoding_figures(folder, rounds):
 
 
 def sampling_rate(folder, lists, samples):
-    import frameBasedTrain
-    from helperFunctions import read_split
+    from helperFunctions import random_augmentation, read_split
+    from ucf.frame_dataset import RandomFrameDataset
     clips = read_split(lists, 1, 'train')
-    data = frameBasedTrain.RandomFrameDataset(folder, clips, 224)
+    data = RandomFrameDataset(folder, clips, 224, augment=random_augmentation)
     rng = np.random.RandomState(0)
     order = rng.randint(0, len(clips), samples)
     start = time.perf_counter()

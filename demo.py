@@ -64,13 +64,13 @@ def main(argv=None):
 
 def summarize(work, seconds, times):
     sys.path.insert(0, HERE)
-    from confusion import class_accuracies, format_accuracy, load_results, topk_accuracies
-    single = load_results(os.path.join(work, 'singleFrame_results.npz'))
-    lstm = load_results(os.path.join(work, 'lstm_results.npz'))
-    classes, _, before, after = class_accuracies(single, lstm)
+    from ucf.results import Results, format_accuracy, on_common_clips
+    single = Results.load(os.path.join(work, 'singleFrame_results.npz'))
+    lstm = Results.load(os.path.join(work, 'lstm_results.npz'))
+    both = on_common_clips(single, lstm)
+    classes, before, after = single.classes, both[0].per_class(), both[1].per_class()
     summary = dict(seconds=round(seconds, 1), step_seconds={k: round(v, 1) for k, v in times.items()},
-                   single_frame=topk_accuracies(single['labels'], single['scores']),
-                   lstm=topk_accuracies(lstm['labels'], lstm['scores']),
+                   single_frame=single.topk(), lstm=lstm.topk(),
                    per_class={c: dict(single_frame=round(float(b), 3), lstm=round(float(a), 3))
                               for c, b, a in zip(classes, before, after)})
     with open(os.path.join(work, 'demo_summary.json'), 'w') as f:

@@ -8,11 +8,8 @@ fc7 and fc8 learn (--train-from); the result is written to VGG_1024.model. A sna
 """
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
-import collections
-import os
-import signal
+import functools
 import sys
-import threading
 
 import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
 import chainer
@@ -23,16 +20,15 @@ from chainer.training import extensions
 
 import VGGNet
 import VGGNet_1024
-from helperFunctions import NO_AUGMENTATION, check_clips_on_disk, random_augmentation, read_class_index, read_split
-from ucf.errors import DataError, warn
+from helperFunctions import check_clips_on_disk, random_augmentation, read_class_index, read_split
+from ucf.errors import DataError
 from ucf.files import check_writable
 from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, fraction,
                        nonnegative_float, nonnegative_int, positive_float, positive_int, use_device)
-from ucf.preprocessing import preprocess_frame
+from ucf.frame_dataset import LoaderIterator, RandomFrameDataset, stop_when_a_loader_fails
 from ucf.provenance import make_provenance
-from ucf.runcontrol import (INPUT_PREFIX, PlainLines, Progress, RunRecord, check_memory, exit_on_user_error,
+from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error,
                             rate_eta_extension, resume_trainer, stop_on_divergence, usable_cpus)
-from ucf.video import VideoError, frame_bytes, read_video_frame, read_video_frames, video_info
 
 matplotlib.use('Agg')
 
@@ -46,7 +42,7 @@ def parse_args(argv=None):
                       help='frame-loading processes (0: load in the training process); the default is the CPUs '
                            'this job may use (its Slurm/PBS cpuset)')
     data.add_argument('--cache-mb', type=nonnegative_int, default=0,
-                      help='keep decoded clips in memory up to this size, per loading process (small data sets)')
+                      help='keep decoded clips (RGB) in memory up to this size, per loading process (small data sets)')
     model = p.add_argument_group('model')
     model.add_argument('--vgg', default='VGG.model', help='ImageNet VGG16 weights (see VGGNet.py)')
     model.add_argument('--train-from', default='fc7', choices=VGGNet_1024.LAYERS,
@@ -86,141 +82,6 @@ FREE_ON_RESUME = {'resume', 'device', 'loaderjob', 'cache_mb', 'log_interval', '
                   'model_out', 'data', 'lists', 'vgg', 'skip_missing'}
 
 
-class RandomFrameDataset(chainer.dataset.DatasetMixin):
-    """Example i: one frame of clip i, preprocessed, and the clip's label.
-
-    train=True draws a random frame and random augmentations each time; train=False takes the middle frame
-    unaugmented (a fixed evaluation set). ucf.video.read_video_frame returns exactly the frame that sequential
-    decoding shows at that index, whatever the encoding (B-frames in AVI included). A clip that cannot be read is
-    reported once and replaced by another clip of the same class, so one bad file cannot stop a long run.
-    """
-
-    def __init__(self, data_root, clips, insize, train=True, flip=True, crop=False, resize=False, rotate=False,
-                 cache_mb=0, seed=0, class_names=None):
-        self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
-        self.class_names = class_names or {c.label: str(c.label) for c in clips}
-        self.seed, self.home_pid = seed, os.getpid()
-        self.cache, self.cache_bytes, self.cache_used = collections.OrderedDict(), cache_mb << 20, 0
-        self.augment = dict(flip=flip, crop=crop, resize=resize, rotate=rotate)
-        self.by_label = {}
-        for i, clip in enumerate(clips):
-            self.by_label.setdefault(clip.label, []).append(i)
-        self.info, self.bad, self._rng, self._pid, self._reported = {}, set(), None, None, None
-
-    def __len__(self):
-        return len(self.clips)
-
-    @property
-    def rng(self):
-        # Loader processes are forked from one parent: each needs its own random stream, not a copy of it.
-        # In the training process itself (--loaderjob 0) the stream follows --seed, so runs repeat exactly.
-        if self._pid != os.getpid():
-            pid = os.getpid()
-            self._rng = np.random.RandomState(self.seed if pid == self.home_pid else (self.seed + pid) % 2 ** 32)
-            self._pid = pid
-        return self._rng
-
-    def decoded(self, i, path):
-        """All frames of clip i, from the in-memory cache (least recently used clips leave first)."""
-        if i in self.cache:
-            self.cache.move_to_end(i)
-        else:
-            frames = read_video_frames(path)  # as the decoder gives them (YUV 4:2:0: half of RGB's bytes)
-            self.cache[i] = (frames, sum(frame_bytes(f) for f in frames))
-            self.cache_used += self.cache[i][1]
-            while self.cache_used > self.cache_bytes and len(self.cache) > 1:
-                self.cache_used -= self.cache.popitem(last=False)[1][1]
-        return self.cache[i][0]
-
-    def frame(self, i):
-        path = os.path.join(self.data_root, self.clips[i].path)
-        if self.cache_bytes:
-            frames = self.decoded(i, path)
-            count = len(frames)
-        else:
-            if i not in self.info:
-                self.info[i] = video_info(path)
-            count = self.info[i].stored
-        # The last frame of a UCF-101 clip is often corrupt: draw from the others.
-        last = max(count - 2, 0)
-        index = self.rng.randint(0, last + 1) if self.train else last // 2
-        frame = frames[index] if self.cache_bytes else read_video_frame(path, index, self.info[i])
-        augmentation = (random_augmentation(self.rng, frame.width, frame.height, **self.augment)
-                        if self.train else NO_AUGMENTATION)
-        return preprocess_frame(frame, self.insize, augmentation)
-
-    def probe(self):
-        """Read every clip's packets once, here, before the loaders fork (they inherit what it found): unreadable
-        clips are reported now, and a class left with no readable clip stops the run before it starts."""
-        progress = Progress(len(self.clips), 'clips', 'checking the clips: ', interval=10)
-        for i, clip in enumerate(self.clips):
-            try:
-                self.info[i] = video_info(os.path.join(self.data_root, clip.path))
-            except VideoError as e:
-                self.bad.add(i)
-                warn(f'skipping unreadable clip {e}')
-            progress.update()
-        for label, members in self.by_label.items():
-            if all(i in self.bad for i in members):
-                raise self.no_readable_clip(label)
-
-    def no_readable_clip(self, label):
-        return DataError(f'no clip of class {self.class_names[label]!r} can be read under {self.data_root}/ (the '
-                         'warnings above say why); replace those files, or leave the class out of the lists')
-
-    def get_example(self, i):
-        label = self.clips[i].label
-        candidates = [i] + [j for j in self.rng.permutation(self.by_label[label]) if j != i]
-        for j in candidates:
-            if j in self.bad:
-                continue
-            try:
-                return self.frame(j), np.int32(label)
-            except VideoError as e:
-                self.bad.add(j)
-                warn(f'skipping unreadable clip {e}')
-        error = self.no_readable_clip(label)
-        if os.getpid() not in (self.home_pid, self._reported):  # once per loader process
-            # Chainer's MultiprocessIterator would wait forever for this example: tell the training process.
-            print(f'error: {error}', file=sys.stderr, flush=True)
-            os.kill(self.home_pid, signal.SIGUSR1)
-            self._reported = os.getpid()
-        raise error
-
-
-def stop_when_a_loader_fails():
-    """In the training process: a loader's SIGUSR1 (its error printed above) ends the run with exit status 1,
-    and the iterator's prefetch thread, which the same error ends, adds no traceback."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # other loaders may signal too: the first one says it
-        raise DataError('a frame-loading process stopped (its error is above); no model was written')
-    signal.signal(signal.SIGUSR1, handler)
-    report = threading.excepthook
-
-    def quiet(hook_args):
-        if not isinstance(hook_args.exc_value, DataError):
-            report(hook_args)
-    threading.excepthook = quiet
-
-
-class LoaderIterator(chainer.iterators.MultiprocessIterator):
-    """Chainer's MultiprocessIterator, its loader processes forked with SIGINT blocked: a Ctrl-C at the instant
-    they start went to a child before its set-up ignored SIGINT, killed it, and the parent trained on. Blocked,
-    the signal waits and the parent takes it (one line, exit 130) once the processes run; they keep ignoring it."""
-
-    def __next__(self):
-        loop = getattr(self, '_prefetch_loop', None)
-        if loop is not None and loop.thread is None and not loop.measure_required():
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                loop.launch_thread()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return super().__next__()
-
-    next = __next__
-
-
 def build_model(args, n_classes):
     vgg, provenance = VGGNet.load_vgg(args.vgg, conv=args.conv)
     if args.insize and args.insize != vgg.insize:
@@ -247,9 +108,10 @@ def make_trainer(args):
     optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
     model.freeze_below_train_from()
 
-    train = RandomFrameDataset(args.data, train_clips, model.insize, flip=not args.no_flip, crop=args.crop,
-                               resize=args.resize, rotate=args.rotate, cache_mb=args.cache_mb, seed=args.seed,
-                               class_names=classes)
+    augment = functools.partial(random_augmentation, flip=not args.no_flip, crop=args.crop, resize=args.resize,
+                                rotate=args.rotate)
+    train = RandomFrameDataset(args.data, train_clips, model.insize, augment=augment, cache_mb=args.cache_mb,
+                               seed=args.seed, class_names=classes)
     train.probe()
     example_bytes = 4 * 3 * model.insize ** 2 + 64
     order_stream = np.random.RandomState(args.seed)
@@ -296,8 +158,6 @@ def make_trainer(args):
 
     resume_trainer(trainer, args.out, args.resume)
     return trainer, model, provenance
-
-
 
 
 def main(argv=None):

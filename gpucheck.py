@@ -369,11 +369,11 @@ class Pipeline:
     def sample_frames(self, count=8):
         """`count` preprocessed frames, from as many clips as there are classes."""
         from ucf.preprocessing import preprocess_frame
-        from ucf.video import iter_video_frames
+        from ucf.video import iter_frames
         paths = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(self.data, '*', '*'))})
         out = np.empty((count, 3, self.size['insize'], self.size['insize']), np.float32)
         for i in range(count):
-            for k, frame in enumerate(iter_video_frames(paths[i % len(paths)])):
+            for k, frame in enumerate(iter_frames(paths[i % len(paths)])):
                 if k == 5 * (i // len(paths)):
                     preprocess_frame(frame, self.size['insize'], out=out[i])
                     break
@@ -505,7 +505,7 @@ def decoding_rate(pipeline, threads, seconds_at_most=20.0):
     import threading
 
     from ucf.preprocessing import preprocess_frame
-    from ucf.video import iter_video_frames
+    from ucf.video import iter_frames
     paths = sorted(glob.glob(os.path.join(pipeline.data, '*', '*')))
     counts, lock, start = [0], threading.Lock(), time.perf_counter()
     batch = np.empty((threads, 3, pipeline.size['insize'], pipeline.size['insize']), np.float32)
@@ -515,7 +515,7 @@ def decoding_rate(pipeline, threads, seconds_at_most=20.0):
             if time.perf_counter() - start > seconds_at_most:
                 return
             n = 0
-            for frame in iter_video_frames(path):
+            for frame in iter_frames(path):
                 preprocess_frame(frame, pipeline.size['insize'], out=batch[k])
                 n += 1
             with lock:

@@ -12,6 +12,7 @@ import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 a
 import numpy as np
 
 from ucf.errors import DataError, warn
+from ucf.preprocessing import Augmentation
 
 
 CLIP_NAME = re.compile(r'^v_(?P<cls>.+)_g(?P<group>\d+)_c(?P<clip>\d+)(?P<ext>\.[^./]+)$', re.IGNORECASE)
@@ -107,11 +108,6 @@ def clip_group(rel_path):
     return int(CLIP_NAME.match(os.path.basename(rel_path)).group('group'))
 
 
-def clip_stem(rel_path):
-    """'Class/v_Class_g01_c01.avi' -> 'Class/v_Class_g01_c01', the key used for feature files and HDF5."""
-    return os.path.splitext(rel_path)[0]
-
-
 def check_clips_on_disk(data_root, clips, allow_missing=False):
     """Clips whose file exists. Missing ones stop the run with their names unless allow_missing (then warn)."""
     if not os.path.isdir(data_root):
@@ -119,6 +115,9 @@ def check_clips_on_disk(data_root, clips, allow_missing=False):
                         'folders of UCF-101 (UCF-101/ApplyEyeMakeup/..., from UCF101.rar).')
     present = [c for c in clips if os.path.isfile(os.path.join(data_root, c.path))]
     missing = len(clips) - len(present)
+    if clips and not present:  # --skip-missing or not: there is nothing to work on
+        raise DataError(f'none of the {len(clips)} listed clips is under {data_root}/ (e.g. {clips[0].path}): '
+                        'check --data (the folder that holds the 101 class folders) and --split')
     if missing:
         names = [c.path for c in clips if not os.path.isfile(os.path.join(data_root, c.path))]
         message = (f'{missing} of {len(clips)} listed clips are missing under {data_root}/, e.g. '
@@ -128,10 +127,6 @@ def check_clips_on_disk(data_root, clips, allow_missing=False):
         warn(message + '; going on without them (--skip-missing).')
     return present
 
-
-
-Augmentation = collections.namedtuple('Augmentation', 'flip crop angle')
-NO_AUGMENTATION = Augmentation(False, None, 0.0)
 
 
 def random_augmentation(rng, width, height, flip=True, crop=False, resize=False, rotate=False,

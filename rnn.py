@@ -11,15 +11,13 @@ reversed motion it puts into a sequence, and the log says how many clips were pa
 truncated every --bptt frames: the state is carried on, the graph is cut, the weights are updated.
 
 Each epoch prints the training loss and accuracy (the accuracy of the last step, which the handout warns
-flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of every --inference technique:
-  full      the whole clip in one pass, log softmax averaged over all steps
-  last      the whole clip, the last step only
-  weighted  the whole clip, steps weighted linearly toward the end
-import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
-  segments  --segments sequences of --seqlen frames spread over the clip, their scores averaged
-The first technique's per-clip scores go to lstm_results.npz for confusion.py.
+flatters), then the test accuracy `Accuracy(top 1, top 5, top 10): (a,b,c)` of every --inference technique
+(full, last, weighted, segments: see --inference below). The first technique's per-clip scores go to
+lstm_results.npz for confusion.py.
 """
+import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
+import collections
 import os
 import sys
 import time
@@ -34,21 +32,20 @@ import numpy as np
 from chainer import training
 from chainer.training import extensions
 
-from confusion import TOPK, format_accuracy, save_results, topk_accuracies
 from helperFunctions import PADDING, pad_sequence
 from ucf.errors import DataError, warn
 from ucf.fast_lstm import ExpSigmoid, LeanAdam, LSTMLayer
 from ucf.files import atomic_path, check_writable, refuse_overwriting_inputs
 from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,
                        positive_float, positive_int, use_device)
-from ucf.packed_hdf5 import file_provenance, read_hdf5_header
-from ucf.provenance import extraction_of, feature_size_mismatch, make_provenance, provenance_text, same_extraction
+from ucf.packed_hdf5 import PackedFile
+from ucf.provenance import extraction_of, make_provenance, provenance_text
+from ucf.results import TOPK, Results, format_accuracy, topk_accuracies
 from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error, rate_eta_extension,
                             resume_trainer, stop_on_divergence)
 
 matplotlib.use('Agg')
 
-INFERENCE = ('full', 'last', 'weighted', 'segments')
 # Settings a resumed run may change: where it runs and what it writes, not what it computes. A longer --epoch
 # continues the same run further.
 FREE_ON_RESUME = {'resume', 'device', 'epoch', 'max_iterations', 'in_memory', 'out', 'model_out', 'results', 'train',
@@ -94,12 +91,13 @@ def parse_args(argv=None):
     augmentation.add_argument('--noise', type=nonnegative_float, default=0.0, help='Gaussian noise on the features')
     augmentation.add_argument('--max-stride', type=positive_int, default=1, help='random frame stride up to this')
     inference = p.add_argument_group('inference')
-    inference.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=INFERENCE,
-                           help='test techniques to report (the first one is saved for confusion.py). Choose full '
-                                '(or segments) to compare with single frames: every frame counts. last and weighted '
-                                '(and --loss-weighting last/linear) lean on the last frames, the ones a damaged clip '
-                                'loses first (extraction keeps such clips partial and lists them in its failures '
-                                'file)')
+    inference.add_argument('--inference', nargs='+', default=['full', 'segments'], choices=list(INFERENCE),
+                           help='test techniques to report (the first one is saved for confusion.py): '
+                                + '; '.join(f'{k}: {t.help}' for k, t in INFERENCE.items())
+                                + '. Choose full (or segments) to compare with single frames: every frame counts. '
+                                'last and weighted (and --loss-weighting last/linear) lean on the last frames, the '
+                                'ones a damaged clip loses first (extraction keeps such clips partial and lists them '
+                                'in its failures file)')
     inference.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for segments')
     output = p.add_argument_group('output and resume')
     output.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
@@ -117,38 +115,14 @@ def parse_args(argv=None):
 # Data: clips read from the HDF5 file one at a time (memory stays small at full scale unless --in-memory)
 # ----------------------------------------------------------------------------------------------------------
 
-class ClipFeatures:
-    """The clips of a packed (normalised) feature file: names, labels, and each clip's frames x dims array."""
-
-    def __init__(self, path, subset, split=None, in_memory=False):
-        header = read_hdf5_header(path, expect_split=split, expect_subset=subset)
-        self.path, self.names, self.labels = path, header['clips'], np.asarray(header['labels'], np.int32)
-        self.classes, self.dim, self.split = header['classes'], int(header['dim']), int(header['split'])
-        self.provenance = file_provenance(path, header)
-        self.left_out = header.get('left_out', [])  # clips normalizeData.py found NaN or inf in
-        if 'normalized' not in str(header.get('kind', '')):
-            print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
-                  file=sys.stderr)
-        self._file, self._pid, self._cache = None, None, None
-        if in_memory:
-            self._cache = [self.read(i) for i in range(len(self))]
-
-    def __len__(self):
-        return len(self.names)
-
-    def read(self, i):
-        if self._cache is not None:
-            return self._cache[i]
-        if self._pid != os.getpid():  # an h5py handle must not cross a fork
-            self._file, self._pid = h5py.File(self.path, 'r'), os.getpid()
-        x = self._file[self.names[i]][()]
-        if not np.isfinite(x).all():
-            raise DataError(f'{self.path}: clip {self.names[i]} holds NaN or inf; rerun normalizeData.py')
-        return x
-
-    def lengths(self):
-        with h5py.File(self.path, 'r') as f:
-            return np.array([f[n].shape[0] for n in self.names])
+def open_features(path, subset, split=None, in_memory=False):
+    """A packed file of (normalised) features for the LSTM; raw features are taken with a note."""
+    clips = PackedFile(path, kind=('normalized features', 'features'), subset=subset, split=split, finite=True,
+                       in_memory=in_memory)
+    if clips.kind == 'features':
+        print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
+              file=sys.stderr)
+    return clips
 
 
 def training_sequence(x, length, rng, max_stride=1, noise=0.0, padding='reverse'):
@@ -339,9 +313,10 @@ def report_padding(args, train, test):
     """Say how many sequences the --padding rule makes up frames for: at --seqlen 64 half of a set of 40-150-frame
     clips is padded, which is not a detail."""
     short = [int((clips.lengths() < args.seqlen).sum()) for clips in (train, test)]
-    segments = ' (their [segments] sequences)' if 'segments' in args.inference else ' (no technique pads them)'
+    padded = [t for t in args.inference if INFERENCE[t].pads]
+    which = f' (their [{", ".join(padded)}] sequences)' if padded else ' (no technique pads them)'
     print(f'padding (--padding {args.padding}: {PADDING[args.padding]}): {short[0]} of {len(train)} training clips '
-          f'are shorter than --seqlen {args.seqlen}, and {short[1]} of {len(test)} test clips{segments}',
+          f'are shorter than --seqlen {args.seqlen}, and {short[1]} of {len(test)} test clips{which}',
           file=sys.stderr)
 
 
@@ -357,15 +332,9 @@ def memory_needed(args, n_in, n_classes):
 
 
 def make_trainer(args):
-    train = ClipFeatures(args.train, 'train', in_memory=args.in_memory)
-    test = ClipFeatures(args.test, 'test', split=train.split, in_memory=args.in_memory)
-    same_extraction(train.provenance, test.provenance, args.train, args.test,
-                    'pack and normalise both from one extraction')
-    if train.classes != test.classes:
-        raise DataError(f'{args.train} has {len(train.classes)} classes but {args.test} {len(test.classes)} (or '
-                        'other names): pack both from one classInd.txt (save_hdf5.py writes them together)')
-    if train.dim != test.dim:
-        raise DataError(feature_size_mismatch(args.train, train.dim, args.test, test.dim))
+    train = open_features(args.train, 'train', in_memory=args.in_memory)
+    test = open_features(args.test, 'test', split=train.split, in_memory=args.in_memory)
+    train.check_together(test, 'pack and normalise both from one extraction')
     check_memory(memory_needed(args, train.dim, len(train.classes)), args.device,
                  'lower the flags named above')
     np.random.seed(args.seed)
@@ -414,13 +383,13 @@ def make_trainer(args):
     trainer.extend(stop_on_divergence(model, args.out, len(train.classes),
                                       ', or gradient clipping (--grad-clip 5)'))
     settings = {k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}
-    extraction = extraction_of(train.provenance)  # other features at the same path: another extraction
+    extraction = extraction_of(train.record)  # other features at the same path: another extraction
     settings[INPUT_PREFIX + 'the features of extraction'] = extraction.get('tag') if extraction else None
     settings[INPUT_PREFIX + 'the feature size'] = train.dim
     trainer.extend(RunRecord(settings, dict(order=order_stream, numpy=np.random, sequences=dataset.rng,
                                             lengths=updater.rng)))
     resume_trainer(trainer, args.out, args.resume)
-    return trainer, model, test, tester
+    return trainer, model, train, test, tester
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,24 +428,55 @@ def projected_log_probs(model, sequences, chunk=INFERENCE_CHUNK):
     return [y[i, :n] for i, n in enumerate(lengths)]
 
 
-# How each whole-clip technique weighs the steps: the same weightings as the training loss.
-STEP_WEIGHTING = {'full': 'uniform', 'weighted': 'linear', 'last': 'last'}
+def whole_clip(n, seqlen, segments, padding):
+    """The frames a whole-clip technique runs over: the clip, once (no padding)."""
+    return [np.arange(n)]
 
 
-def clip_score(log_probs, technique):
-    """A clip's class scores from its per-step log softmax, by the steps' weights under `technique`."""
-    weights = loss_weights(len(log_probs), STEP_WEIGHTING[technique])
-    return (log_probs * weights[:, None]).mean(axis=0)
+def spread_segments(n, seqlen, segments, padding):
+    """--segments sequences of --seqlen frames spread over the clip; a shorter clip padded by the --padding rule."""
+    return [pad_sequence(np.arange(start, min(start + seqlen, n)), seqlen, padding)
+            for start in segment_starts(n, seqlen, segments)]
+
+
+def weighted_steps(weighting):
+    """A clip's scores from its one sequence: the steps' log softmax weighted as the training loss weighs them."""
+    def score(log_probs):
+        weights = loss_weights(len(log_probs[0]), weighting)
+        return (log_probs[0] * weights[:, None]).mean(axis=0)
+    return score
+
+
+def mean_of_sequences(log_probs):
+    """A clip's scores from its sequences: each one's mean log softmax, averaged."""
+    return np.stack([lp.mean(axis=0) for lp in log_probs]).mean(axis=0)
+
+
+# An inference technique: the sequences it runs over a clip (frame rows, from the clip's length and the flags), how
+# it scores the clip from their per-step log softmax, whether it pads short clips (--padding), and what it is (for
+# --help). Techniques that run the same sequences share one pass of the LSTM; adding a technique is adding an entry.
+Technique = collections.namedtuple('Technique', 'sequences score pads help')
+INFERENCE = {
+    'full': Technique(whole_clip, weighted_steps('uniform'), False,
+                      'the whole clip in one pass, log softmax averaged over all steps'),
+    'last': Technique(whole_clip, weighted_steps('last'), False, 'the whole clip, the last step only'),
+    'weighted': Technique(whole_clip, weighted_steps('linear'), False,
+                          'the whole clip, steps weighted linearly toward the end'),
+    'segments': Technique(spread_segments, mean_of_sequences, True,
+                          '--segments sequences of --seqlen frames spread over the clip, their scores averaged'),
+}
 
 
 def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32, padding='reverse'):
-    """{technique: scores (clips x classes)} on every clip of `clips`, in batches of similar lengths; a clip
-    shorter than `seqlen` is padded by the --padding rule for `segments` (the whole-clip techniques never pad)."""
+    """{technique: scores (clips x classes)} on every clip of `clips` by the INFERENCE techniques named, in
+    batches of similar lengths."""
     lengths = clips.lengths()
     order = np.argsort(lengths, kind='stable')
     n_classes = model.out.W.shape[0]
     scores = {t: np.zeros((len(clips), n_classes), np.float32) for t in techniques}
-    whole = [t for t in techniques if t != 'segments']
+    passes = {}  # the techniques of each kind of sequences, run together
+    for t in techniques:
+        passes.setdefault(INFERENCE[t].sequences, []).append(t)
     for b in range(0, len(order), batchsize):
         index = order[b:b + batchsize]
         features = [clips.read(i) for i in index]
@@ -484,22 +484,14 @@ def evaluate(model, clips, techniques, seqlen, segments=5, batchsize=32, padding
         projected = model.project_frames(np.concatenate(features))
         bounds = np.cumsum([0] + [len(x) for x in features])
         clip_projections = [projected[bounds[k]:bounds[k + 1]] for k in range(len(index))]
-        if whole:
-            sequences = [(p, np.arange(len(p))) for p in clip_projections]
-            for i, log_probs in zip(index, projected_log_probs(model, sequences)):
-                for t in whole:
-                    scores[t][i] = clip_score(log_probs, t)
-        if 'segments' in techniques:
-            pieces, owners = [], []
-            for i, p in zip(index, clip_projections):
-                for start in segment_starts(len(p), seqlen, segments):
-                    steps = np.arange(start, min(start + seqlen, len(p)))
-                    pieces.append((p, pad_sequence(steps, seqlen, padding)))
-                    owners.append(i)
-            owners = np.array(owners)
-            piece_scores = np.stack([lp.mean(axis=0) for lp in projected_log_probs(model, pieces)])
-            for i in index:
-                scores['segments'][i] = piece_scores[owners == i].mean(axis=0)
+        for sequences, named in passes.items():
+            rows = [sequences(len(p), seqlen, segments, padding) for p in clip_projections]
+            log_probs = iter(projected_log_probs(model, [(p, r) for p, clip_rows in zip(clip_projections, rows)
+                                                         for r in clip_rows]))
+            for i, clip_rows in zip(index, rows):
+                own = [next(log_probs) for _ in clip_rows]
+                for t in named:
+                    scores[t][i] = INFERENCE[t].score(own)
     return scores
 
 
@@ -534,7 +526,7 @@ def main(argv=None):
                                   {'--model-out': args.model_out, '--results': args.results})
         check_writable({'--out': (args.out, True), '--model-out': (args.model_out, False),
                         '--results': (args.results, False)})
-        trainer, model, test, tester = make_trainer(args)
+        trainer, model, train, test, tester = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already
             scores = tester.last_scores
@@ -542,14 +534,14 @@ def main(argv=None):
             scores = evaluate(model, test, args.inference, args.seqlen, args.segments, args.batchsize,
                               args.padding)
         model.to_cpu()
-        record = provenance_text(make_provenance('rnn.py', train=file_provenance(args.train), test=test.provenance,
+        record = provenance_text(make_provenance('rnn.py', train=train.record, test=test.record,
                                                  options=vars(args)))
         weights = chainer.serializers.DictionarySerializer()
         weights.save(model)
         with atomic_path(args.model_out) as tmp, open(tmp, 'wb') as f:
             np.savez(f, provenance=np.array(record), **weights.target)
-        save_results(args.results, test.names, test.labels, scores[args.inference[0]], test.classes,
-                     split=test.split, model='lstm', inference=args.inference[0], provenance=record)
+        Results(test.names, test.labels, scores[args.inference[0]], test.classes, split=test.split, model='lstm',
+                inference=args.inference[0], provenance=record).save(args.results)
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')

@@ -19,7 +19,7 @@ import os
 import sys
 
 import rnn
-from confusion import TOPK
+from ucf.results import TOPK
 from ucf.files import atomic_path
 from ucf.flags import split_at_dashes
 

@@ -16,7 +16,6 @@ file holds is expected and not reported.
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import contextlib
-import csv
 import json
 import os
 import queue
@@ -33,16 +32,14 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import check_clips_on_disk, read_class_index, read_split
 from ucf.errors import DataError, warn
-from ucf.files import atomic_path, exclusive_lock, save_npy_atomic
-from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, nonnegative_int, positive_int,
-                       use_device)
+from ucf.extraction import ExtractionStore, FailureLog
+from ucf.files import atomic_path
+from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_output_folder_flags,
+                       nonnegative_int, output_folders, positive_int, use_device)
 from ucf.preprocessing import PREPROCESSING, preprocess_frame
-from ucf.provenance import ExtractionManifest, make_provenance
+from ucf.provenance import make_provenance
 from ucf.runcontrol import Progress, check_memory, exit_on_user_error
-from ucf.video import VideoError, header_frame_count, iter_video_frames, video_info
-
-FAILURE_FIELDS = ['clip', 'status', 'frames_read', 'frames_claimed', 'reason']
-
+from ucf.video import VideoError, header_frame_count, iter_frames, video_info
 
 def split_clips(data_root, lists, split, subsets=('train', 'test'), skip_missing=False):
     """All clips of the split, sorted by path, so that every shard job sees the same list."""
@@ -84,32 +81,6 @@ def extraction_record(args, model):
     return record
 
 
-class FailureLog:
-    """The shard's failures file, rewritten atomically after each new entry so a killed job keeps it."""
-
-    def __init__(self, path):
-        self.path, self.rows = path, {}
-        if os.path.isfile(path):
-            with open(path, newline='') as f:
-                self.rows = {row['clip']: row for row in csv.DictReader(f, delimiter='\t')}
-
-    def record(self, clip, status, frames_read, frames_claimed, reason):
-        self.rows[clip] = dict(clip=clip, status=status, frames_read=frames_read, frames_claimed=frames_claimed,
-                               reason=reason)
-        warn(f'{clip}: {reason} ({status})')
-        self.save()
-
-    def forget(self, clip):
-        if self.rows.pop(clip, None):
-            self.save()
-
-    def save(self):
-        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, FAILURE_FIELDS, delimiter='\t', lineterminator='\n')
-            writer.writeheader()
-            writer.writerows(sorted(self.rows.values(), key=lambda r: r['clip']))
-
-
 def produce(jobs, data_root, insize, batchsize, out, stop):
     """Decoder thread: for each clip, ('batch', clip, frames) messages, then ('end' or 'fail', clip, frames read,
     frames claimed, reason). Runs ahead of the network by the queue's size."""
@@ -121,7 +92,7 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
         try:
             info = video_info(path)
             claimed, batch, filled = info.frames, None, 0
-            for frame in iter_video_frames(path):
+            for frame in iter_frames(path):
                 if batch is None:  # each batch a new array: the network may still hold the previous one
                     batch = np.empty((batchsize, 3, insize, insize), np.float32)
                 preprocess_frame(frame, insize, out=batch[filled])
@@ -164,37 +135,25 @@ def extract_shard(args, held):
         raise DataError(f'{args.model} predicts {model.fc8.W.shape[0]} classes but {args.lists}/classInd.txt '
                         f'lists {len(classes)}; was it trained on these lists?')
     record = extraction_record(args, model)
-    manifest = ExtractionManifest(args.features_dir, args.predictions_dir)
-    made_by = {i: manifest.tag_of(clips[i].path) for i in range(start, end)}
-    todo = [i for i in range(start, end) if made_by[i] != record['tag']]
-    others = sum(made_by[i] is not None for i in todo)
-    unaccounted = [i for i in todo if made_by[i] is None and any(map(os.path.exists, manifest.paths(clips[i].path)))]
+    store = ExtractionStore(output_folders(args))
+    todo = clips_to_do(store, clips[start:end], record['tag'], args.model)
     os.makedirs(args.log_dir, exist_ok=True)
     shard_name = f'shard_{args.shard:02d}_of_{args.num_shards:02d}'
     failures = FailureLog(os.path.join(args.log_dir, f'failures_{shard_name}.tsv'))
     print(f'shard {args.shard} of {args.num_shards}: clips {start}-{end - 1} of {len(clips)} '
           f'({sum(weights[start:end])} frames); {(end - start) - len(todo)} already done by this extraction '
           f'({record["tag"]}), {len(todo)} to do', file=sys.stderr)
-    if others:
-        warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
-             f'preprocessing): re-extracting them with {args.model}')
-    if unaccounted:
-        first = clips[unaccounted[0]].path
-        warn(f'{len(unaccounted)} clips of this shard have files that no extraction record accounts for (e.g. '
-             f'{first}: {manifest.why_not(first)}): re-extracting them')
-    # One job per shard, taken once every check has passed: two at once would overwrite each other's files between
-    # writing and recording them.
-    lock = os.path.join(manifest.folder, f'shard_{args.shard:02d}_of_{args.num_shards:02d}.lock')
-    held.enter_context(exclusive_lock(lock, f'extraction of shard {args.shard} of {args.num_shards}'))
-    manifest.start(record)
+    # One job per shard, taken once every check has passed.
+    held.enter_context(store.shard(args.shard, args.num_shards))
+    store.start(record)
     device = use_device(model, args.device)
 
     messages, stop = queue.Queue(maxsize=args.prefetch), threading.Event()
-    frames_todo = sum(weights[i] for i in todo)
+    frames_of = dict(zip(clips, weights))
+    frames_todo = sum(frames_of[c] for c in todo)
     workers = args.decoders
-    shares = [[clips[i] for i in todo[w::workers]] for w in range(workers)]
-    threads = [threading.Thread(target=produce, args=(share, args.data, model.insize, args.batchsize, messages,
-                                                      stop), daemon=True) for share in shares]
+    threads = [threading.Thread(target=produce, args=(todo[w::workers], args.data, model.insize, args.batchsize,
+                                                      messages, stop), daemon=True) for w in range(workers)]
     for t in threads:
         t.start()
     progress = Progress(max(frames_todo, 1), 'frames', f'shard {args.shard}: ')
@@ -206,33 +165,28 @@ def extract_shard(args, held):
                 finished += 1
                 continue
             kind, clip = message[0], message[1]
-            if kind == 'batch':
-                prob, feature = model.predict(device.send(message[2]))
-                outputs = pending.setdefault(clip.path, ([], []))
-                outputs[0].append(chainer.backends.cuda.to_cpu(feature))
-                outputs[1].append(chainer.backends.cuda.to_cpu(prob))
+            if kind == 'batch':  # every output of the network, kept per clip until the clip ends
+                outputs = model.outputs(device.send(message[2]))
+                for output, array in outputs.items():
+                    pending.setdefault(clip.path, {}).setdefault(output, []).append(
+                        chainer.backends.cuda.to_cpu(array))
                 progress.update(len(message[2]), f'{counts["complete"] + counts["partial"]} clips')
                 continue
             _, _, read, claimed, reason = message
-            outputs = pending.pop(clip.path, ([], []))
+            outputs = {output: np.concatenate(arrays) for output, arrays in pending.pop(clip.path, {}).items()}
             if kind == 'fail':
                 counts['skipped'] += 1
                 failures.record(clip.path, 'skipped', read, claimed, reason)
-                continue
-            feature, prob = np.concatenate(outputs[0]), np.concatenate(outputs[1])
-            if not (np.isfinite(feature).all() and np.isfinite(prob).all()):
+            elif not all(np.isfinite(array).all() for array in outputs.values()):
                 counts['skipped'] += 1
                 failures.record(clip.path, 'skipped', read, claimed, 'the network produced NaN or inf')
-                continue
-            feature_path, prediction_path = manifest.paths(clip.path)
-            prediction_digest = save_npy_atomic(prediction_path, prob.astype(np.float32))
-            manifest.add(clip.path, (save_npy_atomic(feature_path, feature.astype(np.float32)), prediction_digest))
-            if reason:
-                counts['partial'] += 1
-                failures.record(clip.path, 'kept-partial', read, claimed, reason)
             else:
-                counts['complete'] += 1
-                failures.forget(clip.path)
+                store.save(clip.path, outputs)
+                counts['partial' if reason else 'complete'] += 1
+                if reason:
+                    failures.record(clip.path, 'kept-partial', read, claimed, reason)
+                else:
+                    failures.forget(clip.path)
     finally:
         stop.set()
     seconds = time.time() - progress.start
@@ -248,13 +202,29 @@ def extract_shard(args, held):
     return summary
 
 
+def clips_to_do(store, clips, tag, model_path):
+    """The clips whose outputs this extraction (`tag`) has not written, saying how many hold another's."""
+    made_by = {clip: store.tag_of(clip.path) for clip in clips}
+    todo = [clip for clip in clips if made_by[clip] != tag]
+    others = sum(made_by[clip] is not None for clip in todo)
+    if others:
+        warn(f'{others} clips of this shard hold files of another extraction (another model, split or '
+             f'preprocessing): re-extracting them with {model_path}')
+    unaccounted = [clip for clip in todo
+                   if made_by[clip] is None and any(map(os.path.exists, store.paths(clip.path).values()))]
+    if unaccounted:
+        first = unaccounted[0].path
+        warn(f'{len(unaccounted)} clips of this shard have files that no extraction record accounts for (e.g. '
+             f'{first}: {store.why_not(first)}): re-extracting them')
+    return todo
+
+
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_flags(p)
     p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
     p.add_argument('--model', default='VGG_1024.model', help='fine-tuned weights from frameBasedTrain.py')
-    p.add_argument('--features-dir', default='UCF-101_features')
-    p.add_argument('--predictions-dir', default='UCF-101_framePrediction')
+    add_output_folder_flags(p)
     p.add_argument('--log-dir', default='extraction_logs', help='failures and summary files of each shard')
     p.add_argument('--shard', type=nonnegative_int, default=0, help='which shard this job does, 0 .. num-shards-1')
     p.add_argument('--num-shards', type=positive_int, default=12)

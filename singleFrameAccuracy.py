@@ -11,34 +11,26 @@ import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the l
 import argparse
 import os
 
-import h5py
 import numpy as np
 
-from confusion import report_model, save_results
-from ucf.errors import DataError
 from ucf.files import refuse_overwriting_inputs
 from ucf.flags import HelpFormatter
-from ucf.packed_hdf5 import file_provenance, read_clip, read_hdf5_header
+from ucf.packed_hdf5 import PackedFile
 from ucf.provenance import make_provenance, provenance_text
+from ucf.report import report_model
+from ucf.results import Results
 from ucf.runcontrol import exit_on_user_error
 
 LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
 
 
-def clip_scores(path):
-    """(clip names, labels, scores clips x classes, class names, split, provenance record) of a
-    testPredictions file."""
-    header = read_hdf5_header(path, expect_subset='test')
-    if header.get('kind') != 'predictions':
-        raise DataError(f'{path} holds {header.get("kind")}, not per-frame predictions; '
-                        'pass testPredictions1024.hdf5')
-    scores, labels = np.empty((len(header['clips']), len(header['classes'])), np.float64), []
-    with h5py.File(path, 'r') as f:
-        for i, name in enumerate(header['clips']):
-            prob, label = read_clip(f, name)
-            scores[i] = np.log(np.maximum(prob.astype(np.float64), LOG_FLOOR)).sum(axis=0)
-            labels.append(label)
-    return header['clips'], np.array(labels), scores, header['classes'], header['split'], file_provenance(path, header)
+def clip_scores(packed):
+    """(scores clips x classes) of a packed file of per-frame predictions: each clip's log softmax summed over
+    its frames."""
+    scores = np.empty((len(packed), len(packed.classes)), np.float64)
+    for i, (_, _, prob) in enumerate(packed.items()):
+        scores[i] = np.log(np.maximum(prob.astype(np.float64), LOG_FLOOR)).sum(axis=0)
+    return scores
 
 
 def main(argv=None):
@@ -49,12 +41,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     with exit_on_user_error():
         refuse_overwriting_inputs({'--predictions': args.predictions}, {'--results': args.results})
-        clips, labels, scores, classes, split, source = clip_scores(args.predictions)
-        save_results(args.results, clips, labels, scores, classes, split=split, model='single frame',
-                     provenance=provenance_text(make_provenance('singleFrameAccuracy.py', input=source)))
+        predictions = PackedFile(args.predictions, kind='predictions', subset='test')
+        results = Results(predictions.names, predictions.labels, clip_scores(predictions), predictions.classes,
+                          split=predictions.split, model='single frame', provenance=provenance_text(
+                              make_provenance('singleFrameAccuracy.py', input=predictions.record)))
+        results.save(args.results)
         os.makedirs(args.out, exist_ok=True)
-        accuracies, _ = report_model(dict(labels=labels, scores=scores, classes=np.array(classes)),
-                                     os.path.join(args.out, 'singleFrame'), 'single frame')
+        accuracies, _ = report_model(results, os.path.join(args.out, 'singleFrame'), 'single frame')
     return accuracies
 
 

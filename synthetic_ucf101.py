@@ -223,13 +223,14 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
     split files: 13,320 clips, about 2.5 million frames). Frame counts follow a log-normal around
     `mean_frames`."""
     from helperFunctions import clip_group, read_class_index, read_split
-    from ucf.files import save_npy_atomic
-    from ucf.provenance import ExtractionManifest, make_provenance
+    from ucf.extraction import ExtractionStore
+    from ucf.provenance import make_provenance
     rng = np.random.default_rng(seed)
-    manifest = ExtractionManifest(os.path.join(out, 'UCF-101_features'), os.path.join(out, 'UCF-101_framePrediction'))
-    manifest.start(make_provenance('saveFeatures_1024.py', tag=f'generated{seed}', split=1, insize=0,
-                                   preprocessing='none: generated features', options={},
-                                   model=dict(path='none', digest='generated', split=1, source='write_fake_features')))
+    store = ExtractionStore({'features': os.path.join(out, 'UCF-101_features'),
+                             'predictions': os.path.join(out, 'UCF-101_framePrediction')})
+    store.start(make_provenance('saveFeatures_1024.py', tag=f'generated{seed}', split=1, insize=0,
+                                preprocessing='none: generated features', options={},
+                                model=dict(path='none', digest='generated', split=1, source='write_fake_features')))
     if lists:
         classes = read_class_index(lists)
         clips = sorted({(c.path, c.label, clip_group(c.path)) for s in ('train', 'test')
@@ -246,16 +247,10 @@ def write_fake_features(out, n_classes=101, groups=25, clips_per_group=(4, 7), f
     lengths = np.clip(rng.lognormal(np.log(mean_frames) - 0.18, 0.6, len(clips)), *frames).astype(int)
     total = 0
     for (rel, label, _), n in zip(clips, lengths):
-        stem = os.path.splitext(rel)[0] + '.npy'
         feature = rng.standard_normal((n, dim), dtype=np.float32)
         feature[:, label % dim] += 2.0
         prediction = np.full((n, n_classes), 0.5 / n_classes, np.float32)
         prediction[:, label] += 0.5
-        digests = []
-        for folder, array in (('UCF-101_features', feature), ('UCF-101_framePrediction', prediction)):
-            path = os.path.join(out, folder, stem)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            digests.append(save_npy_atomic(path, array))
-        manifest.add(rel, digests)
+        store.save(rel, {'features': feature, 'predictions': prediction})
         total += n
     return len(clips), total

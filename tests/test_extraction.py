@@ -17,10 +17,11 @@ import saveFeatures_1024
 import save_hdf5
 import singleFrameAccuracy
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem, read_split
+from helperFunctions import read_split
+from ucf.extraction import clip_stem
 from ucf import packed_hdf5
 from ucf.preprocessing import preprocess_frame
-from ucf.video import read_video_frames
+from ucf.video import read_frames
 
 
 def npy_files(folder):
@@ -48,7 +49,7 @@ def test_extraction_outputs_match_the_model(tiny_ucf, tiny_model, extracted):
     assert npy_files(features) == expected and npy_files(predictions) == expected
     model = VGGNet_1024.load_model(tiny_model, conv='fast')  # extraction's default; fast vs stock: test_fast_conv
     for rel in sorted(written)[::17]:
-        frames = read_video_frames(os.path.join(root, 'UCF-101', rel))
+        frames = read_frames(os.path.join(root, 'UCF-101', rel))
         feature = np.load(os.path.join(features, clip_stem(rel) + '.npy'))
         prob = np.load(os.path.join(predictions, clip_stem(rel) + '.npy'))
         assert feature.shape == (written[rel], 16) and prob.shape == (written[rel], 4)
@@ -176,10 +177,10 @@ def test_feature_statistics_keep_small_variances_and_skip_nonfinite_clips(tmp_pa
         items.append((f'C/v_C_g{k + 1:02d}_c01', 0, x))
     path = str(tmp_path / 'features.hdf5')
     packed_hdf5.write_packed(path, items, len(items), ['C'], split=1, subset='train', kind='features')
-    mean, std, count, usable = normalizeData.feature_statistics(path, [name for name, _, _ in items])
+    mean, std, count, left_out = normalizeData.feature_statistics(packed_hdf5.PackedFile(path))
     kept = [x for k, (_, _, x) in enumerate(items) if k not in (2, 5)]
     want = np.concatenate(kept).astype(np.float64)
-    assert usable == [name for k, (name, _, _) in enumerate(items) if k not in (2, 5)] and count == len(want)
+    assert left_out == {name for k, (name, _, _) in enumerate(items) if k in (2, 5)} and count == len(want)
     assert np.allclose(mean, want.mean(axis=0), rtol=1e-7, atol=1e-12)  # float32 rounding of the shift
     assert np.allclose(std, want.std(axis=0), rtol=1e-6, atol=1e-12) and std[0] == 0
     assert capsys.readouterr().err.count('holds NaN or inf') == 2
@@ -224,14 +225,14 @@ def test_single_frame_accuracy(packed, tmp_path, capsys):
 
 
 def test_most_confused_lists_only_real_confusions():
-    import confusion
+    from ucf.report import most_confused
     counts = np.array([[5, 0, 1], [0, 4, 0], [2, 0, 3]])
-    pairs = confusion.most_confused(counts, ['A', 'B', 'C'], n=10)
+    pairs = most_confused(counts, ['A', 'B', 'C'], n=10)
     assert [(t, p, c) for t, p, _, c in pairs] == [('C', 'A', 2), ('A', 'C', 1)]
-    assert confusion.most_confused(np.diag([3, 4]), ['A', 'B']) == []
+    assert most_confused(np.diag([3, 4]), ['A', 'B']) == []
 
 
 def test_topk_with_two_classes():
-    import confusion
+    from ucf.results import topk_accuracies
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    assert confusion.topk_accuracies(np.array([0, 1, 1]), scores) == (2 / 3, 1.0, 1.0)
+    assert topk_accuracies(np.array([0, 1, 1]), scores) == (2 / 3, 1.0, 1.0)

@@ -21,7 +21,8 @@ import pytest
 
 import synthetic_ucf101
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem, read_split
+from helperFunctions import read_split
+from ucf.extraction import clip_stem
 from ucf.video import read_frames
 
 RESULTS = []
@@ -503,12 +504,12 @@ def test_bad_clips_in_extraction(bad_clips, tiny_ucf, tiny_model, tmp_path):
 
 
 def test_bad_clip_in_fine_tuning(bad_clips, tiny_ucf, capsys):
-    import frameBasedTrain
+    from ucf.frame_dataset import RandomFrameDataset
     data, faults = bad_clips
     root, _ = tiny_ucf
     clips = read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'train') + read_split(
         os.path.join(root, 'ucfTrainTestlist'), 1, 'test')
-    dataset = frameBasedTrain.RandomFrameDataset(data, clips, 32)
+    dataset = RandomFrameDataset(data, clips, 32)
     zero = [i for i, c in enumerate(clips) if faults.get(c.path) == 'zero bytes'][0]
     x, label = dataset.get_example(zero)
     assert x.shape == (3, 32, 32) and label == clips[zero].label
@@ -577,6 +578,31 @@ def test_bad_lists_paths_and_models(tiny_ucf, small_vgg, tmp_path):
         assert len([l for l in result.stderr.splitlines() if l.startswith(('error', 'Traceback'))]) == 1
         assert (out / 'VGG_1024.model').read_bytes() == b'previous result'
         record('bad input', fault, 'frameBasedTrain.py', f'exit 1: {line}; nothing overwritten')
+
+
+@pytest.mark.parametrize('script', ['frameBasedTrain.py', 'saveFeatures_1024.py', 'generate_pbs.py', 'save_hdf5.py'])
+def test_skip_missing_with_nothing_left(script, tiny_ucf, small_vgg, tiny_model, tmp_path):
+    """--skip-missing when no clip of the split is there (a wrong --data): fine-tuning divided by zero inside
+    Chainer's iterator after warning that all of them are missing. Nothing to work on is one line."""
+    root, _ = tiny_ucf
+    empty = tmp_path / 'UCF-101'
+    empty.mkdir()
+    lists = os.path.join(root, 'ucfTrainTestlist')
+    args = {'frameBasedTrain.py': ['--data', str(empty), '--lists', lists, '--vgg', small_vgg, '--out',
+                                   str(tmp_path / 'out'), '--model-out', str(tmp_path / 'm.model'), '--loaderjob', '0'],
+            'saveFeatures_1024.py': extraction_args(tiny_ucf, tiny_model, str(tmp_path)),
+            'generate_pbs.py': ['--scheduler', 'local', '--log-dir', str(tmp_path / 'jobs'), '--',
+                                *extraction_args(tiny_ucf, tiny_model, str(tmp_path))],
+            'save_hdf5.py': ['--lists', lists, '--features-dir', str(tmp_path / 'features'), '--predictions-dir',
+                             str(tmp_path / 'predictions'), '--out-dir', str(tmp_path / 'out')]}[script]
+    if script in ('saveFeatures_1024.py', 'generate_pbs.py'):
+        args[args.index('--data') + 1] = str(empty)
+    result = run(script, *args, '--skip-missing', cwd=str(tmp_path))
+    line = error_line(result)
+    assert result.returncode == 1 and line.startswith('error: none of the') and 'Traceback' not in result.stderr, \
+        result.stderr[-2000:]
+    assert not list(tmp_path.rglob('*.model')) + list(tmp_path.rglob('*.hdf5')) + list(tmp_path.rglob('*.npy'))
+    record('bad input', 'no clip of the split on disk, with --skip-missing', script, f'exit 1: {line}')
 
 
 @pytest.mark.parametrize('script', ['normalizeData.py', 'rnn.py', 'singleFrameAccuracy.py'])
@@ -728,24 +754,20 @@ def test_generator_refuses_the_flags_it_sets(extra, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_constant_and_non_finite_features(reference_packed, tmp_path):
-    from ucf.packed_hdf5 import read_clip, read_hdf5_header, write_packed
-    source = reference_packed / 'train1024.hdf5'
-    header = read_hdf5_header(str(source))
-    poisoned = header['clips'][:2]
+    from ucf.packed_hdf5 import PackedFile, write_packed
+    source = PackedFile(str(reference_packed / 'train1024.hdf5'))
+    poisoned = source.names[:2]
 
     def items():
-        with h5py.File(source, 'r') as f:
-            for i, name in enumerate(header['clips']):
-                x, label = read_clip(f, name)
-                x[:, 3] = 7.0  # a dimension that never varies
-                if name == poisoned[0]:
-                    x[0, 0] = np.nan
-                if name == poisoned[1]:
-                    x[-1, 5] = np.inf
-                yield name, label, x
+        for name, label, x in source.items():
+            x[:, 3] = 7.0  # a dimension that never varies
+            if name == poisoned[0]:
+                x[0, 0] = np.nan
+            if name == poisoned[1]:
+                x[-1, 5] = np.inf
+            yield name, label, x
     bad = tmp_path / 'train1024.hdf5'
-    write_packed(str(bad), items(), len(header['clips']), header['classes'], split=1, subset='train',
-                 kind='features')
+    write_packed(str(bad), items(), len(source), source.classes, split=1, subset='train', kind='features')
     args = norm_args(reference_packed, tmp_path)
     args[1] = str(bad)
     result = run('normalizeData.py', *args)
@@ -754,7 +776,7 @@ def test_constant_and_non_finite_features(reference_packed, tmp_path):
     assert any('never vary' in w for w in warnings) and sum('NaN or inf' in w for w in warnings) == 2
     with h5py.File(tmp_path / 'train1024_norm.hdf5', 'r') as f:
         names = [n.decode() for n in f['_index/clips'][()]]
-        assert not set(poisoned) & set(names) and len(names) == len(header['clips']) - 2
+        assert not set(poisoned) & set(names) and len(names) == len(source) - 2
         assert all(np.isfinite(f[n][()]).all() for n in names)
         assert all(np.all(f[n][()][:, 3] == 0) for n in names)
     record('numbers', 'a feature dimension constant over all training frames', 'normalizeData.py',
@@ -894,26 +916,26 @@ def copy_without_times(source, destination):
 def test_features_copied_without_their_times(tiny_ucf, tiny_model, extracted, reference_packed, tmp_path):
     """Users move features between scratch and project file systems with `cp -r`: a record keyed on times alone
     disowned every clip (packing refused them, a rerun re-extracted them in silence)."""
-    import saveFeatures_1024
+    from ucf.extraction import ExtractionStore
     work = tmp_path / 'work'
     copy_without_times(extracted, work)
     result = run('save_hdf5.py', *pack_args(tiny_ucf, str(work), tmp_path / 'packed'))
     assert result.returncode == 0, result.stderr  # accepted: the files' content digests match the record
     for name in ('train1024.hdf5', 'test1024.hdf5', 'testPredictions1024.hdf5'):
         assert same_hdf5(tmp_path / 'packed' / name, reference_packed / name)
-    manifest = saveFeatures_1024.ExtractionManifest(str(work / 'UCF-101_features'),
-                                                    str(work / 'UCF-101_framePrediction'))
+    store = ExtractionStore({'features': str(work / 'UCF-101_features'),
+                             'predictions': str(work / 'UCF-101_framePrediction')})
     clip = read_split(os.path.join(tiny_ucf[0], 'ucfTrainTestlist'), 1, 'train')[0].path
-    recorded = manifest.entries()[clip][manifest.tag_of(clip, ('features',))]
-    assert manifest._match(clip, recorded, ('features',)) == 'same'  # checked by packing: its new time recorded
-    assert manifest._match(clip, recorded, ('predictions',)) == 'copied'  # not packed for training: not vouched for
+    recorded = store.entries()[clip][store.tag_of(clip, ('features',))]
+    assert store._match(clip, recorded, ('features',)) == 'same'  # checked by packing: its new time recorded
+    assert store._match(clip, recorded, ('predictions',)) == 'copied'  # not packed for training: not vouched for
     result = run('saveFeatures_1024.py', *extraction_args(tiny_ucf, tiny_model, str(work), '--num-shards', '1'))
     assert result.returncode == 0 and re.search(r'(\d+) already done by this extraction \(\w+\), 0 to do',
                                                 result.stderr), result.stderr
     # Checked once: the copies' times are on record now, so the next check is a stat, not a read.
-    manifest = saveFeatures_1024.ExtractionManifest(str(work / 'UCF-101_features'),
-                                                    str(work / 'UCF-101_framePrediction'))
-    assert manifest._match(clip, manifest.entries()[clip][manifest.tag_of(clip)], manifest.KINDS) == 'same'
+    store = ExtractionStore({'features': str(work / 'UCF-101_features'),
+                             'predictions': str(work / 'UCF-101_framePrediction')})
+    assert store._match(clip, store.entries()[clip][store.tag_of(clip)], store.outputs) == 'same'
     record('provenance', 'features copied with `cp -r` (modification times lost)', 'save_hdf5.py, extraction',
            'packed as the originals; the rerun re-extracts nothing (content digests checked once, then stats)')
     victim = work / 'UCF-101_features' / (clip_stem(clip) + '.npy')  # then one copy edited, its size unchanged
@@ -982,11 +1004,11 @@ def test_features_of_two_models_never_mix(tiny_ucf, tiny_model, small_vgg, extra
 def preprocess(tiny_ucf, name):
     """The first frame of clip `name` (a packed dataset's name), as the network sees it."""
     from ucf.preprocessing import preprocess_frame
-    from ucf.video import read_video_frames
+    from ucf.video import iter_frames
     root, _ = tiny_ucf
     clip = next(c for s in ('train', 'test') for c in read_split(os.path.join(root, 'ucfTrainTestlist'), 1, s)
                 if clip_stem(c.path) == name)
-    return preprocess_frame(read_video_frames(os.path.join(root, 'UCF-101', clip.path))[0], 32)
+    return preprocess_frame(next(iter_frames(os.path.join(root, 'UCF-101', clip.path))), 32)
 
 
 def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):
@@ -1003,13 +1025,14 @@ def test_model_of_another_split_is_refused(tiny_ucf, small_vgg, tmp_path):
 
 
 def results_file(path, tag, model=None):
-    from confusion import save_results
     from ucf.provenance import make_provenance, provenance_text
+    from ucf.results import Results
     extraction = make_provenance('saveFeatures_1024.py', tag=tag, split=1, model={'digest': tag, 'split': 1})
-    save_results(str(path), ['A/v_A_g01_c01', 'B/v_B_g01_c01', 'C/v_C_g01_c01'], [0, 1, 2], np.eye(3),
-                 ['A', 'B', 'C'], split=1, **({'model': model} if model else {}),
-                 provenance=provenance_text(make_provenance('x', input=make_provenance('save_hdf5.py',
-                                                                                       extraction=extraction))))
+    Results(['A/v_A_g01_c01', 'B/v_B_g01_c01', 'C/v_C_g01_c01'], [0, 1, 2], np.eye(3), ['A', 'B', 'C'], split=1,
+            **({'model': model} if model else {}),
+            provenance=provenance_text(make_provenance('x', input=make_provenance('save_hdf5.py',
+                                                                                  extraction=extraction)))
+            ).save(str(path))
     return str(path)
 
 
@@ -1115,6 +1138,8 @@ def test_divergence_stops_lstm_training(lr, what, reference_packed, tmp_path):
     ('synthetic_ucf101.py', ['--classes', '0'], '--classes'),
     ('synthetic_ucf101.py', ['--frames', '0', '0'], '--frames'),
     ('synthetic_ucf101.py', ['--frames', '9', '3'], '--frames'),
+    ('confusion.py', ['--top', '0'], '--top'),
+    ('confusion.py', ['--top', '-1'], '--top'),
 ])
 def test_bad_numbers_are_refused_at_parse_time(script, args, flag, tmp_path):
     result = run(script, *args, cwd=str(tmp_path))

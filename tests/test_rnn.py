@@ -277,7 +277,7 @@ def test_lean_adam_is_chainers_adam_bit_for_bit():
 
 
 def test_batched_inference_equals_one_clip_at_a_time(features):
-    clips = rnn.ClipFeatures(str(features / 'test.hdf5'), 'test')
+    clips = rnn.open_features(str(features / 'test.hdf5'), 'test')
     np.random.seed(0)
     model = rnn.RNN(clips.dim, 8, 2, 8, 3)
     techniques = ['full', 'last', 'weighted', 'segments']
@@ -302,7 +302,7 @@ def test_lstm_learns_order_in_time_and_resumes(features, tmp_path, capsys):
     final, _ = rnn.main(rnn_args(features, tmp_path, '--epoch', '2', '--inference', 'full', 'last'))
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith('snapshot')) == ['snapshot_iter_18',
                                                                                    'snapshot_iter_9']
-    trainer, model, test, _ = rnn.make_trainer(rnn.parse_args(rnn_args(
+    trainer, model, _, test, _ = rnn.make_trainer(rnn.parse_args(rnn_args(
         features, tmp_path, '--epoch', '30', '--inference', 'full', 'last', '--resume', 'auto')))
     assert trainer.updater.epoch == 2 and trainer.updater.iteration == 18
     trainer.run()
@@ -381,7 +381,7 @@ def test_max_iterations_and_an_eta_that_counts_evaluation(features, tmp_path, ca
         with np.load(tmp_path / 'rnn.model') as weights:
             for name, param in model.namedparams():
                 param.array[...] = weights[name.lstrip('/')]
-        test = rnn.ClipFeatures(str(features / 'test.hdf5'), 'test')
+        test = rnn.open_features(str(features / 'test.hdf5'), 'test')
         fresh = rnn.evaluate(model, test, ['full'], 12)['full']
         assert np.allclose(results['scores'], fresh, atol=1e-5)
     # after the first evaluation the ETA includes the evaluations still to come

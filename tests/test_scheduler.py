@@ -15,7 +15,7 @@ import pytest
 
 import generate_pbs
 from conftest import ROOT, extraction_args
-from helperFunctions import clip_stem
+from ucf.extraction import clip_stem
 
 
 def slurm_available():

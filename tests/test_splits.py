@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from helperFunctions import check_clips_on_disk, clip_group, clip_stem, read_class_index, read_split
+from helperFunctions import check_clips_on_disk, clip_group, read_class_index, read_split
+from ucf.extraction import clip_stem
 from ucf.errors import DataError
 
 

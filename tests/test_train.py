@@ -21,20 +21,21 @@ def train_args(tiny_ucf, small_vgg, out, *extra):
 
 def test_training_and_extraction_preprocess_alike(tiny_ucf):
     """The training dataset's unaugmented frame is exactly preprocess_frame() of the decoded frame."""
+    from ucf.frame_dataset import RandomFrameDataset
     from ucf.preprocessing import preprocess_frame
-    from ucf.video import read_video_frames
+    from ucf.video import read_frames
     root, _ = tiny_ucf
     clips = read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'test')[:2]
-    data = frameBasedTrain.RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False)
+    data = RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False)
     for i, clip in enumerate(clips):
-        frames = read_video_frames(os.path.join(root, 'UCF-101', clip.path))
+        frames = read_frames(os.path.join(root, 'UCF-101', clip.path))
         x, label = data.get_example(i)
         assert label == clip.label
         assert np.array_equal(x, preprocess_frame(frames[(len(frames) - 2) // 2], 32))
     # --cache-mb keeps decoded clips in memory: the same examples, the least recently used clip leaves first
     clips = read_split(os.path.join(root, 'ucfTrainTestlist'), 1, 'test')[:6]
-    plain = frameBasedTrain.RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False)
-    cached = frameBasedTrain.RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False, cache_mb=1)
+    plain = RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False)
+    cached = RandomFrameDataset(os.path.join(root, 'UCF-101'), clips, 32, train=False, cache_mb=1)
     for i in range(len(clips)):
         assert np.array_equal(cached.get_example(i)[0], plain.get_example(i)[0])
         assert cached.cache_used <= 1 << 20 or len(cached.cache) == 1

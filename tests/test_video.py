@@ -12,7 +12,6 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-import helperFunctions
 from ucf import preprocessing, video
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -106,19 +105,20 @@ def test_random_access_equals_sequential_decoding(clips, name):
     frames, info = video.read_frames(path), video.video_info(path)
     rng = np.random.RandomState(0)
     order = rng.permutation(len(frames))  # every index, in random order, as the training sampler draws them
-    wrong = [i for i in order if not np.array_equal(video.read_frame(path, int(i), info), frames[i])]
+    wrong = [i for i in order if not np.array_equal(video.read_frame(path, int(i), info).rgb, frames[i])]
     assert not wrong, f'{name}: {len(wrong)} of {len(frames)} frames differ, e.g. {sorted(wrong)[:5]}'
     # past the end (a header that over-states the length): the last decodable frame
-    assert np.array_equal(video.read_frame(path, len(frames) + 5, info), frames[-1])
+    last = video.read_frame(path, len(frames) + 5, info)
+    assert np.array_equal(last.rgb, frames[-1]) and last.index == len(frames) - 1
 
 
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart'])
 def test_preprocessing_the_decoders_frames_is_preprocessing_the_command_lines_rgb(clips, name):
     """preprocess_frame on the decoder's own frames (what extraction and training give it) equals it on the RGB
     frames ffmpeg's command line writes, bit for bit: down- and upscaled, flipped, cropped and rotated."""
-    frames, reference = video.read_video_frames(clips[name]), command_line_decode(clips[name])
-    augmentations = [helperFunctions.NO_AUGMENTATION, helperFunctions.Augmentation(True, None, 0.0),
-                     helperFunctions.Augmentation(False, (5, 3, 80, 70), 4.0)]
+    frames, reference = list(video.iter_frames(clips[name])), command_line_decode(clips[name])
+    augmentations = [preprocessing.NO_AUGMENTATION, preprocessing.Augmentation(True, None, 0.0),
+                     preprocessing.Augmentation(False, (5, 3, 80, 70), 4.0)]
     for i in sorted({0, len(frames) // 2, len(frames) - 1}):
         for size, augmentation in zip((40, 128, 64), augmentations):
             fast, simple = (preprocessing.preprocess_frame(f, size, augmentation) for f in (frames[i], reference[i]))
@@ -129,7 +129,7 @@ def test_preprocessing_works_in_a_forked_loader_after_the_parent_used_it(clips):
     """Fine-tuning's loader processes are forked from a process that may have preprocessed frames already: the
     child must not inherit a scaler whose worker threads did not come along (it would wait forever)."""
     import multiprocessing
-    frame, odd = (video.read_video_frames(clips[name])[0] for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
+    frame, odd = (next(video.iter_frames(clips[name])) for name in ('xvid-packed-bframes', 'xvid-odd-175x143-avi'))
     # the scaler, and the odd sizes' graph
     want = preprocessing.preprocess_frame(frame, 40), preprocessing.preprocess_frame(odd, 40)
     queue = multiprocessing.get_context('fork').SimpleQueue()
@@ -152,8 +152,8 @@ def test_preprocessing_resizes_like_pillows_bilinear(tmp_path, size):
     subprocess.run([FFMPEG, '-y', '-v', 'error', '-f', 'lavfi', '-i', f'testsrc2=size={size}:rate=25',
                     '-frames:v', '6', '-c:v', 'libxvid', path], check=True)
     differences = []
-    for frame in video.read_video_frames(path):
-        rgb = np.asarray(Image.fromarray(video._rgb(frame)).resize((224, 224), Image.BILINEAR), np.float32)
+    for frame in video.iter_frames(path):
+        rgb = np.asarray(Image.fromarray(frame.rgb).resize((224, 224), Image.BILINEAR), np.float32)
         v1 = np.stack([rgb[:, :, 2 - c] - preprocessing.MEAN_BGR[c] for c in range(3)])
         differences.append(np.abs(preprocessing.preprocess_frame(frame, 224) - v1))
     d = np.stack(differences)

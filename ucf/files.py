@@ -28,7 +28,8 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def _host():
+def host_name():
+    """This machine's name, safe in a file name."""
     import socket
     return re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40] or 'host'
 
@@ -58,7 +59,7 @@ def exclusive_lock(path, what):
             warn(f'cannot lock {path} ({e.strerror}): make sure that only one job does {what} at a time')
         f.seek(0)
         f.truncate()
-        f.write(f'pid {os.getpid()} on {_host()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        f.write(f'pid {os.getpid()} on {host_name()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
         f.flush()
         yield
 

@@ -52,6 +52,21 @@ def add_data_flags(group, data=True):
     group.add_argument('--split', type=int, default=1, choices=SPLITS, help='official split')
 
 
+# The folder of each output of an extraction (VGGNet_1024.OUTPUTS), by flag: extraction writes them, packing reads them.
+OUTPUT_FOLDERS = {'features': ('--features-dir', 'UCF-101_features'),
+                  'predictions': ('--predictions-dir', 'UCF-101_framePrediction')}
+
+
+def add_output_folder_flags(group):
+    for output, (flag, default) in OUTPUT_FOLDERS.items():
+        group.add_argument(flag, default=default, help=f'folder of the per-clip {output} (.npy)')
+
+
+def output_folders(args):
+    """{output: folder} from the flags of add_output_folder_flags (for ucf.extraction.ExtractionStore)."""
+    return {output: getattr(args, flag[2:].replace('-', '_')) for output, (flag, _) in OUTPUT_FOLDERS.items()}
+
+
 def add_device_flag(group):
     group.add_argument('--device', '-d', default=DEFAULT_DEVICE,
                        help='-1 or @numpy: the CPU; 0 or @cupy:0: the first GPU')

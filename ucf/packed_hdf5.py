@@ -1,11 +1,12 @@
-"""The packed feature files (HDF5) that Parts 2 and 3 share: what is in them and how to read and write them.
+"""The packed feature files (HDF5) that Parts 2 and 3 share: what is in them, how to write them, and `PackedFile`,
+the one reader, which refuses a wrong file where it is opened.
 
 A packed file holds one float32 dataset per clip (frames x dims), named by the clip's path without its extension
 ('ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01'), with the clip's label as an attribute; `_index/` holds the clip
-names, labels and class names in order (13,320 names overflow HDF5's 64 KiB attribute limit); the file's
-attributes give the split, the subset ('train'/'test'), the kind ('features', 'predictions', 'normalized
-features'), the sizes, and the provenance record of what made it. save_hdf5.py writes the first three,
-normalizeData.py the normalised ones; singleFrameAccuracy.py and rnn.py read them.
+names, labels and class names in order (13,320 names overflow HDF5's 64 KiB attribute limit), and the clips the
+writer left out; the file's attributes give the split, the subset ('train'/'test'), the kind (KINDS), the sizes,
+and the provenance record of what made it. save_hdf5.py writes the first two kinds, normalizeData.py the third;
+normalizeData.py, singleFrameAccuracy.py and rnn.py read them.
 """
 import os
 import re
@@ -15,15 +16,84 @@ import numpy as np
 
 from ucf.errors import DataError
 from ucf.files import atomic_path, run_isolated
-from ucf.provenance import parse_provenance
+from ucf.provenance import feature_size_mismatch, parse_provenance, same_extraction
 from ucf.runcontrol import Progress
+
+# What each kind of packed file holds, its usual names and the step that writes it (refusals say what to pass).
+KINDS = {'features': ('fc7 features', 'train1024.hdf5 or test1024.hdf5', 'save_hdf5.py'),
+         'predictions': ('per-frame predictions', 'testPredictions1024.hdf5', 'save_hdf5.py'),
+         'normalized features': ('normalised fc7 features', 'train1024_norm.hdf5 or test1024_norm.hdf5',
+                                 'normalizeData.py')}
+
+
+class PackedFile:
+    """A packed file opened for reading, checked to be what the caller expects: its `kind` (one of KINDS, or a
+    tuple of those it accepts), `subset` and `split`. Holds the clip names, labels and class names, the width
+    (`dim`), the clips its writer left out and its provenance `record`; `read(i)` gives clip i's frames x dims
+    array, `items()` every clip in order. With `finite`, a clip holding NaN or inf is refused where it is read.
+    The handle is opened per process (an h5py handle must not cross a fork), so loader processes may read too.
+    """
+
+    def __init__(self, path, kind=None, subset=None, split=None, finite=False, in_memory=False):
+        header = read_hdf5_header(path, expect_split=split, expect_subset=subset)
+        self.path, self.kind, self.finite = path, header.get('kind'), finite
+        accepted = (kind,) if isinstance(kind, str) else kind
+        if accepted and self.kind not in accepted:
+            held = KINDS[self.kind][0] if self.kind in KINDS else repr(self.kind) if self.kind else 'unrecorded data'
+            wanted, names, writer = KINDS[accepted[0]]
+            raise DataError(f'{path} holds {held}, not {wanted}; pass {names} ({writer})')
+        self.names, self.labels = header['clips'], np.asarray(header['labels'], np.int32)
+        self.classes, self.dim = header['classes'], int(header['dim'])
+        self.split, self.subset, self.left_out = int(header['split']), header['subset'], header['left_out']
+        self.record = dict(parse_provenance(header.get('provenance')), path=os.path.abspath(path))
+        self._file, self._pid, self._cache = None, None, None
+        if in_memory:
+            self._cache = [self.read(i) for i in range(len(self))]
+
+    def __len__(self):
+        return len(self.names)
+
+    def _handle(self):
+        if self._pid != os.getpid():
+            self._file, self._pid = open_hdf5(self.path, 'r'), os.getpid()
+        return self._file
+
+    def read(self, i):
+        """Clip i's frames x dims array (float32)."""
+        if self._cache is not None:
+            return self._cache[i]
+        x = self._handle()[self.names[i]][()]
+        if self.finite and not np.isfinite(x).all():
+            writer = KINDS[self.kind][2] if self.kind in KINDS else 'the step that wrote it'
+            raise DataError(f'{self.path}: clip {self.names[i]} holds NaN or inf; rerun {writer}')
+        return x
+
+    def items(self):
+        """(name, label, frames x dims array) of every clip, in the file's order."""
+        for i, name in enumerate(self.names):
+            yield name, int(self.labels[i]), self.read(i)
+
+    def lengths(self):
+        """Frames per clip (from the datasets' shapes: nothing is read)."""
+        f = self._handle()
+        return np.array([f[n].shape[0] for n in self.names])
+
+    def check_together(self, other, advice):
+        """DataError unless `other` can be used with this file: from one extraction (`advice` says how), over the
+        same classes, of the same width."""
+        same_extraction(self.record, other.record, self.path, other.path, advice)
+        if self.classes != other.classes:
+            raise DataError(f'{self.path} has {len(self.classes)} classes but {other.path} {len(other.classes)} (or '
+                            'other names): pack both from one classInd.txt (save_hdf5.py writes them together)')
+        if self.dim != other.dim:
+            raise DataError(feature_size_mismatch(self.path, self.dim, other.path, other.dim))
 
 
 def write_packed(out_path, items, total, classes, **attrs):
-    """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically.
-    Where `items` has a `left_out` list (filled while it is iterated), those clip names are recorded too.
+    """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically. An item
+    whose array is None is a clip the writer left out (normalizeData.py: NaN or inf): its name is recorded.
 
-    Returns (clips written, frames written). Used here and by normalizeData.py, so both files look the same.
+    Returns (clips written, frames written). save_hdf5.py and normalizeData.py write with it, so both look alike.
     """
     with atomic_path(out_path, remove_stale=True) as tmp:
         return run_isolated(_write_hdf5, tmp, items, total, classes, attrs, os.path.basename(out_path))
@@ -31,21 +101,23 @@ def write_packed(out_path, items, total, classes, **attrs):
 
 def _write_hdf5(tmp, items, total, classes, attrs, title):
     progress = Progress(total, 'clips', f'{title}: ', interval=5)
-    names, labels, frames, dim = [], [], 0, None
+    names, labels, left_out, frames, dim = [], [], [], 0, None
     with open_hdf5(tmp, 'w') as f:
         for name, label, array in items:
+            progress.update()
+            if array is None:
+                left_out.append(name)
+                continue
             dataset = f.create_dataset(name, data=array.astype(np.float32, copy=False))
             dataset.attrs['label'] = label
             names.append(name)
             labels.append(label)
             frames += array.shape[0]
             dim = array.shape[1]
-            progress.update()
         # The clip list is too long for an HDF5 attribute (64 KiB) at full scale: it is a dataset.
         f['_index/clips'] = np.array(names, dtype=h5py.string_dtype())
         f['_index/labels'] = np.array(labels, np.int32)
         f['_index/classes'] = np.array(classes, dtype=h5py.string_dtype())
-        left_out = getattr(items, 'left_out', None)  # clips the writer chose not to write (normalizeData: NaN/inf)
         if left_out:
             f['_index/left_out'] = np.array(left_out, dtype=h5py.string_dtype())
         f.attrs.update(n_clips=len(names), n_frames=frames, dim=dim or 0, **attrs)
@@ -69,14 +141,8 @@ def open_hdf5(path, mode):
         raise
 
 
-def read_clip(f, name):
-    """(frames x dims array, label) of one clip of an open packed file."""
-    dataset = f[name]
-    return dataset[()], int(dataset.attrs['label'])
-
-
 def read_hdf5_header(path, expect_split=None, expect_subset=None):
-    """The attributes of a packed file, checked against what the caller expects (split, subset)."""
+    """The attributes and index of a packed file, checked against what the caller expects (split, subset)."""
     if not os.path.isfile(path):
         raise DataError(f'{path}: not found; make it with `python save_hdf5.py` (Part 2)')
     try:
@@ -105,9 +171,3 @@ def _plain(value):
     if isinstance(value, bytes):
         return value.decode()
     return value.item() if isinstance(value, np.generic) else value
-
-
-def file_provenance(path, header=None):
-    """The provenance record of a packed file (its path added); {'source': 'unknown'} for files from before."""
-    header = header or read_hdf5_header(path)
-    return dict(parse_provenance(header.get('provenance')), path=os.path.abspath(path))

@@ -1,7 +1,8 @@
 """Video decoding (PyAV: FFmpeg's libraries in this process): clip information, exact frame counts, sequential
-frames, exact random access, RGB conversion bit for bit like the `ffmpeg` command line.
+frames, exact random access, RGB conversion bit for bit like the `ffmpeg` command line, and FFmpeg's scaler.
 
-The frames of a clip are, by definition, what decoding it from its first packet yields, in that order
+What leaves this module is the project's own `Frame`: an RGB array with its index in the clip, never a decoder's
+object. The frames of a clip are, by definition, what decoding it from its first packet yields, in that order
 (iter_frames). Random access (read_frame) must return exactly those frames. AVI stores no presentation
 timestamps for reordered (B-) frames, so a timestamp seek cannot be trusted there: an AVI clip is decoded from
 its start, converting only the frame asked for (decoding alone runs at ~13,000 frames/s at 320x240). Containers
@@ -19,6 +20,20 @@ import threading
 import numpy as np
 
 from ucf.errors import DataError
+
+
+class Frame(collections.namedtuple('Frame', 'rgb index')):
+    """A decoded frame: HxWx3 uint8 RGB, bit for bit what FFmpeg's command line writes as rgb24, and its index (its
+    place in sequential decoding)."""
+    __slots__ = ()
+
+    @property
+    def height(self):
+        return self.rgb.shape[0]
+
+    @property
+    def width(self):
+        return self.rgb.shape[1]
 
 
 class VideoError(DataError):
@@ -245,43 +260,28 @@ def _odd_size_graph(frame):
 
 
 def _rgb(frame):
+    """The decoder's frame as an HxWx3 uint8 RGB array (a view of the converted frame's buffer where it can be)."""
     return _rgb_frame(frame).to_ndarray()
 
 
-def iter_video_frames(path):
-    """Decode a clip from its start: every frame the decoder yields, in order, as the decoder gives it (an
-    av.VideoFrame in the stream's pixel format, for preprocess_frame; it outlives the file's handle).
+def iter_frames(path):
+    """Decode a clip from its start: every frame the decoder yields, in order.
 
     A truncated or damaged file yields fewer frames than video_info().frames; callers compare where that
     matters.
     """
     container, stream = _open_video(path)
     with container:
-        yield from _decode(container, stream)
-
-
-def iter_frames(path):
-    """iter_video_frames as HxWx3 uint8 RGB arrays (bit for bit what FFmpeg's command line writes as rgb24)."""
-    for frame in iter_video_frames(path):
-        yield _rgb(frame)
-
-
-def read_video_frames(path):
-    """All decodable frames of a clip (av.VideoFrame); VideoError if none decode."""
-    frames = list(iter_video_frames(path))
-    if not frames:
-        raise VideoError(path, 'no frame could be decoded')
-    return frames
+        for index, frame in enumerate(_decode(container, stream)):
+            yield Frame(_rgb(frame), index)
 
 
 def read_frames(path):
     """All decodable frames of a clip as an (N, H, W, 3) uint8 RGB array; VideoError if none decode."""
-    return np.stack([_rgb(frame) for frame in read_video_frames(path)])
-
-
-def frame_bytes(frame):
-    """Memory held by a decoded frame."""
-    return sum(plane.buffer_size for plane in frame.planes)
+    frames = [frame.rgb for frame in iter_frames(path)]
+    if not frames:
+        raise VideoError(path, 'no frame could be decoded')
+    return np.stack(frames)
 
 
 def _seek_frame(container, stream, seek, index):
@@ -300,11 +300,11 @@ def _seek_frame(container, stream, seek, index):
     return None
 
 
-def read_video_frame(path, index, info=None):
-    """Frame `index` of a clip as the decoder gives it, bit-identical to iter_video_frames(path)'s frame `index`.
+def read_frame(path, index, info=None):
+    """Frame `index` of a clip, bit-identical to iter_frames(path)'s frame `index`.
 
     The clip is probed once (pass `info` to skip that). An index past the last decodable frame (a header that
-    over-states the length) returns the clip's last decodable frame.
+    over-states the length) gives the clip's last decodable frame (its own index says which).
     """
     info = info or video_info(path)
     if info.seek is not None and 0 <= index < len(info.seek.pts):
@@ -312,22 +312,28 @@ def read_video_frame(path, index, info=None):
         with container:
             frame = _seek_frame(container, stream, info.seek, index)
             if frame is not None:
-                return frame
+                return Frame(_rgb(frame), index)
     container, stream = _open_video(path)
     with container:
-        last = None
+        last, n = None, -1
         for n, frame in enumerate(_decode(container, stream)):
             last = frame
             if n == index:
                 break
         if last is None:
             raise VideoError(path, 'no frame could be decoded')
-        return last
+        return Frame(_rgb(last), n)
 
 
-def read_frame(path, index, info=None):
-    """read_video_frame as an HxWx3 uint8 RGB array, bit-identical to iter_frames(path)'s frame `index`."""
-    return _rgb(read_video_frame(path, index, info))
+def scaled_bgr(rgb, size):
+    """An HxWx3 uint8 RGB array resized to size x size by FFmpeg's scaler with its bilinear filter: three
+    size x size uint8 planes, B, G, R. The array is handed to FFmpeg as it is (no copy); the result is the same,
+    bit for bit, as scaling the decoder's own RGB frame (tests/test_video.py)."""
+    import av
+    frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(rgb), format='rgb24')
+    scaled = _scaler('resize').reformat(frame, size, size, format='gbrp', interpolation='BILINEAR', threads=1)
+    return [np.frombuffer(plane, np.uint8).reshape(size, plane.line_size)[:, :size]
+            for plane in (scaled.planes[i] for i in GBRP_PLANE_OF_BGR)]
 
 
 # gbrp holds the planes G, B, R: where B, G and R are
