@@ -59,17 +59,17 @@ OTHER_PYTHON = $(shell for v in $(if $(filter pinned,$(STACK)),3.12 3.13,3.11); 
 bench: $(STAMP)
 	$(eval OTHER := $(OTHER_PYTHON))
 	$(if $(OTHER),$(MAKE) venv VENV=.venv-other PYTHON=$(OTHER) GPU=)
-	$(PY) bench.py --stacks $(PY) $(if $(OTHER),.venv-other/bin/python)
+	$(PY) tools/bench.py --stacks $(PY) $(if $(OTHER),.venv-other/bin/python)
 
 doctor: $(STAMP)
-	$(PY) doctor.py
+	$(PY) tools/doctor.py
 
 # What the GPU check needs on a node without network (gpu_bundle/: wheels and pre-encoded clips; README, GPU).
 gpu-bundle: $(STAMP)
-	$(PY) gpucheck.py --make-bundle gpu_bundle
+	$(PY) tools/gpucheck.py --make-bundle gpu_bundle
 
 gpu-check: $(STAMP)
-	$(PY) gpucheck.py
+	$(PY) tools/gpucheck.py
 
 clean:
 	rm -rf $(VENV) .venv-other demo bench gpu_bundle gpucheck

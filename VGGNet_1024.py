@@ -3,7 +3,7 @@
 Training calls the model with (frames, labels) and gets the loss (loss and accuracy are reported);
 extraction calls `predict(frames)` and gets the softmax and the 1024-d relu(fc7) feature of every frame.
 """
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import chainer.functions as F
 import chainer.links as L

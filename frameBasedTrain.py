@@ -11,7 +11,7 @@ import argparse
 import functools
 import sys
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import matplotlib
 import numpy as np

@@ -36,7 +36,7 @@ from ucf.runcontrol import exit_on_user_error
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
-DOCTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'doctor.py')
+DOCTOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tools', 'doctor.py')
 
 
 def launched(args, argv):

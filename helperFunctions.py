@@ -8,7 +8,7 @@ import collections
 import os
 import re
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import numpy as np
 
 from ucf.errors import DataError, warn

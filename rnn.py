@@ -18,22 +18,20 @@ lstm_results.npz for confusion.py.
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import collections
-import os
 import sys
 import time
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import chainer.functions as F
 import chainer.links as L
-import h5py
 import matplotlib
 import numpy as np
 from chainer import training
 from chainer.training import extensions
 
 from helperFunctions import PADDING, pad_sequence
-from ucf.errors import DataError, warn
+from ucf.errors import warn
 from ucf.fast_lstm import ExpSigmoid, LeanAdam, LSTMLayer
 from ucf.files import atomic_path, check_writable, refuse_overwriting_inputs
 from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,

@@ -1,4 +1,4 @@
-"""chainer_compat: what Chainer 7.8.1 needs on numpy 2, and pip's CUDA libraries loaded by path. These tests run
+"""ucf/chainer_compat.py: what Chainer 7.8.1 needs on numpy 2, and pip's CUDA libraries loaded by path. These tests run
 on both stacks (CI runs the suite on Python 3.11 with numpy 1.26 and on 3.12/3.13 with numpy 2)."""
 import ctypes
 import os
@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-import chainer_compat
+from ucf import chainer_compat  # noqa: I001  (before Chainer)
 import chainer
 import chainer.functions as F
 

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-import doctor
+from tools import doctor
 from ucf.flags import device_from_arg
 
 LINES = ['Python', 'numpy', 'setuptools', 'Chainer compatibility', 'Chainer', 'CPUs for this job', 'CPU convolution', 'free disk here',

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-import gpucheck
 from helperFunctions import read_split
+from tools import gpucheck
 
 
 @pytest.fixture(scope='module')

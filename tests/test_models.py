@@ -7,7 +7,7 @@ import pytest
 
 import VGGNet
 import VGGNet_1024
-import bench
+from tools import bench
 from ucf.errors import DataError
 
 WIDTHS = (4, 4, 8, 8, 8)

@@ -28,7 +28,7 @@ import ctypes
 import os
 import threading
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import chainer.functions as F
 import numpy as np

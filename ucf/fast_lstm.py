@@ -4,6 +4,7 @@ LeanAdam (Chainer's Adam step, bit-identical, in cache-sized blocks on the job's
 optimiser from them; tests/test_rnn.py checks them against F.lstm and Chainer's Adam."""
 import threading
 
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import numpy as np
 

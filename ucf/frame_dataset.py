@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import chainer
 import numpy as np
 
@@ -150,7 +151,3 @@ class LoaderIterator(chainer.iterators.MultiprocessIterator):
         return super().__next__()
 
     next = __next__
-
-
-def build_model(args, n_classes):
-    vgg, provenance = VGGNet.load_vgg(args.vgg, conv=args.conv)

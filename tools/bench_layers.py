@@ -1,7 +1,7 @@
 """VGG16's thirteen 3x3 convolutions (+ ReLU) one by one at 224x224: fast_conv, stock Chainer and PyTorch.
 
-    python bench_layers.py                 # batch 8, all three
-    python bench_layers.py --batch 1 --no-stock
+    python tools/bench_layers.py                 # batch 8, all three
+    python tools/bench_layers.py --batch 1 --no-stock
 
 Prints milliseconds and GFLOP/s per layer, to see where a whole-network difference comes from. Each layer's time
 is the best of --repeat runs after a warm-up; the implementations alternate layer by layer, so that a noisy
@@ -14,11 +14,13 @@ import os
 import subprocess
 import sys
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: its steps and ucf/
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 TORCH_LAYER = r'''
 import json, sys, time, torch
@@ -44,7 +46,7 @@ def main(argv=None):
     import chainer
     import chainer.functions as F
     from ucf import fast_conv
-    import bench
+    from tools import bench
     from VGGNet import BLOCKS, CONV_LAYERS, WIDTHS
     layers, channels, size = [], 3, 224  # (in channels, out channels, size) of conv1_1 ... conv5_3
     for width, n in zip(WIDTHS, BLOCKS):

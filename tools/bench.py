@@ -1,8 +1,8 @@
 """Benchmarks, measured side by side in one run on this machine; writes bench/results.md and bench/results.json.
 
     make bench                      # everything (the full-scale packing writes ~25 GB under --work)
-    python bench.py --quick         # small packing scale, fewer repetitions
-    python bench.py --only lstm evaluation decoding   # measure these again, keep the other figures
+    python tools/bench.py --quick         # small packing scale, fewer repetitions
+    python tools/bench.py --only lstm evaluation decoding   # measure these again, keep the other figures
 
 Each figure comes with the reference it is compared to, measured in the same run (the machine may be shared and
 noisy, so only ratios taken together mean much):
@@ -30,14 +30,16 @@ import sys
 import tempfile
 import time
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: its steps and ucf/
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
 VGG16_GFLOP = 30.94  # multiply-adds x 2 of one 224x224 frame through conv1_1 ... fc8
-TORCH_VENV = os.path.join(HERE, '.venv-torch')
+TORCH_VENV = os.path.join(ROOT, '.venv-torch')
 # batch 32 is extraction's default (the handout fine-tunes with 36); the stock path is too slow to wait for there
 VGG_BATCHES = (('stock', (1, 8)), ('fast', (1, 8, 32)))
 
@@ -396,7 +398,7 @@ def packing_figures(work, clips_scale, real_lists):
         # wait4 would include this benchmark's own memory: the kernel carries it across fork and exec.)
         timer = ['/usr/bin/time', '-f', 'peak_kb=%M'] if os.path.exists('/usr/bin/time') else []
         start = time.perf_counter()
-        result = subprocess.run([*timer, sys.executable, os.path.join(HERE, script)], cwd=folder,
+        result = subprocess.run([*timer, sys.executable, os.path.join(ROOT, script)], cwd=folder,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode:
             raise RuntimeError(f'{script} failed in {folder}: {result.stderr[-500:]}')
@@ -475,7 +477,7 @@ def caffemodel_figures(work):
     write_caffemodel(path, layers)
     timer = ['/usr/bin/time', '-f', 'peak_kb=%M'] if os.path.exists('/usr/bin/time') else []
     start = time.perf_counter()
-    result = subprocess.run([*timer, sys.executable, os.path.join(HERE, 'VGGNet.py'), '--from-caffemodel', path,
+    result = subprocess.run([*timer, sys.executable, os.path.join(ROOT, 'VGGNet.py'), '--from-caffemodel', path,
                              '-o', out], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode:
@@ -493,7 +495,9 @@ def caffemodel_figures(work):
 STACK_CODE = r'''
 import json, platform, sys
 sys.path.insert(0, sys.argv[1])
-import bench, fast_conv, numpy
+import numpy
+from tools import bench
+from ucf import fast_conv
 repeat = int(sys.argv[2])
 print(json.dumps(dict(python=platform.python_version(), numpy=numpy.__version__, blas=fast_conv.blas_in_use(),
                       sgemm_gflops=bench.sgemm_gflops(repeat), fps_b1=bench.vgg_fps('fast', 1, repeat),
@@ -507,7 +511,7 @@ def stack_figures(pythons, rounds, repeat):
     best = {}
     for _ in range(rounds):
         for python in pythons:
-            out = subprocess.run([python, '-c', STACK_CODE, HERE, str(repeat)], capture_output=True, text=True)
+            out = subprocess.run([python, '-c', STACK_CODE, ROOT, str(repeat)], capture_output=True, text=True)
             if out.returncode:
                 best[python] = {'error': out.stderr.strip()[-300:]}
                 continue
@@ -540,7 +544,7 @@ def main(argv=None):
     p.add_argument('--work', default=None, help='scratch folder (default: a temporary one)')
     p.add_argument('--quick', action='store_true', help='small packing scale and fewer repetitions')
     p.add_argument('--no-torch', action='store_true', help='skip the PyTorch peer')
-    p.add_argument('--lists', default=os.path.join(HERE, '..', 'shared', 'ucfTrainTestlist'),
+    p.add_argument('--lists', default=os.path.join(ROOT, '..', 'shared', 'ucfTrainTestlist'),
                    help="the real split files, whose 13,320 clip names the full-scale packing uses (default: "
                         "%(default)s; generated names where absent)")
     p.add_argument('--stacks', nargs='+', metavar='PYTHON', default=[],

@@ -1,8 +1,8 @@
 """Preflight: is this machine ready for the pipeline? One verdict table; every line that fails says what to do.
 
-    make doctor                                  # or: python doctor.py
-    python doctor.py --device 1                  # check another GPU
-    python doctor.py --require-gpu               # fail unless a usable GPU is found
+    make doctor                                  # or: python tools/doctor.py
+    python tools/doctor.py --device 1            # check another GPU
+    python tools/doctor.py --require-gpu         # fail unless a usable GPU is found
 
 Run it on the node the jobs will use (an interactive allocation, or as the first step of a job:
 `generate_pbs.py --doctor` puts `doctor.py --require-gpu --quick` at the top of every GPU job script), so that a
@@ -30,7 +30,11 @@ import tempfile
 import time
 import warnings
 
-import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and with pip's CUDA)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: its steps and ucf/
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ucf import chainer_compat  # noqa: F401  (before Chainer: what it needs on numpy 2 and pip's CUDA)
 import numpy as np
 
 STACKS = {(3, 11): 'pinned', (3, 12): 'current', (3, 13): 'current'}
@@ -56,7 +60,7 @@ def version_of(package):
 
 def software_checks():
     """Python, numpy, setuptools and Chainer: one of the two stacks Chainer 7.8.1 runs on here (README, Install)."""
-    import chainer_compat
+    from ucf import chainer_compat
     checks = []
     python, minor = platform.python_version(), sys.version_info[:2]
     stack = STACKS.get(minor)
@@ -208,7 +212,7 @@ def cupy_checks(device_id, require_gpu):
                     'CHAINER_WARN_VERSION_MISMATCH=0')]
     if verdict == 'FAIL':
         return checks, None
-    import chainer_compat
+    from ucf import chainer_compat
     pip_libraries = sorted(chainer_compat.PIP_CUDA_LIBRARIES)
     shown = ', '.join(pip_libraries[:4]) + (', ...' if len(pip_libraries) > 4 else '')
     checks.append(Check('CUDA libraries', 'ok', f'{len(pip_libraries)} from pip in this venv, loaded by '

@@ -2,8 +2,8 @@
 command on a new GPU node (or a lent machine with no network), one report.
 
     make gpu-bundle                              # here, with network: gpu_bundle/ (wheels + pre-encoded clips)
-    python gpucheck.py --bundle gpu_bundle       # on the GPU node: writes gpucheck/report.md and report.json
-    python gpucheck.py --device @numpy --small   # the same checks on the CPU at small sizes (part of make test)
+    python tools/gpucheck.py --bundle gpu_bundle       # on the GPU node: writes gpucheck/report.md and report.json
+    python tools/gpucheck.py --device @numpy --small   # the same checks on the CPU at small sizes (part of make test)
 
 Correctness, the device against the CPU (float32, TF32 off on both sides), each within --tolerance of the CPU's
 largest value: VGG16 forward at 224x224 (fc7 feature and softmax), a fine-tuning step's gradients (every layer
@@ -35,9 +35,12 @@ import tempfile
 import time
 import traceback
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: its steps and ucf/
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLE_PACKAGES = {  # import name: what to install from the bundle's wheels when it does not import
     'chainer': 'chainer', 'av': 'av', 'pkg_resources': 'setuptools', 'filelock': 'filelock',
     'typing_extensions': 'typing_extensions', 'six': 'six', 'google.protobuf': 'protobuf'}
@@ -99,7 +102,7 @@ def download_wheels(folder, platform_tag=None):
     from importlib import metadata
     os.makedirs(folder, exist_ok=True)
     pinned = [w if '==' in w else f'{w}=={metadata.version(w)}' for w in WHEELS]
-    env = dict(os.environ, PIP_BUILD_CONSTRAINT=os.path.join(HERE, 'requirements', 'build-constraints.txt'),
+    env = dict(os.environ, PIP_BUILD_CONSTRAINT=os.path.join(ROOT, 'requirements', 'build-constraints.txt'),
                PIP_DISABLE_PIP_VERSION_CHECK='1')
     # Chainer is a source distribution: built here into a (pure Python) wheel, like everything else installed
     # there without a compiler or network.
@@ -118,9 +121,7 @@ def ensure_packages(bundle, site):
     site = os.path.abspath(site)
     if os.path.isdir(site) and site not in sys.path:
         sys.path.insert(0, site)
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    import chainer_compat  # noqa: F401  (Chainer imports only through it on numpy 2)
+    from ucf import chainer_compat  # noqa: F401  (Chainer imports only through it on numpy 2)
     failures = {package: _import_error(name) for name, package in BUNDLE_PACKAGES.items()}
     missing = [package for package, error in failures.items() if error]
     if not missing:
@@ -135,7 +136,7 @@ def ensure_packages(bundle, site):
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--find-links', wheels,
                     '--target', site, '--upgrade', *missing], check=True)
     env = dict(os.environ, GPUCHECK_RESTARTED='1',
-               PYTHONPATH=os.pathsep.join([site, HERE] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+               PYTHONPATH=os.pathsep.join([site, ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
@@ -665,7 +666,7 @@ def run_peer(kind, dev, small, repeat):
 def environment(dev):
     import chainer
 
-    import chainer_compat
+    from ucf import chainer_compat
     from ucf import fast_conv
     info = dict(python=platform.python_version(), numpy=np.__version__, chainer=chainer.__version__,
                 machine=platform.machine(), cpus=os.cpu_count(), compat=chainer_compat.applied(),
@@ -824,7 +825,7 @@ def main(argv=None):
     os.environ.setdefault('CHAINER_WARN_VERSION_MISMATCH', '0')
     if not os.path.isdir(os.path.join(args.bundle, 'dataset')):
         raise SystemExit(f'gpucheck: no bundle at {args.bundle}/dataset; make it with `make gpu-bundle` (or '
-                         f'`python gpucheck.py --make-bundle {args.bundle}`) and bring it along')
+                         f'`python tools/gpucheck.py --make-bundle {args.bundle}`) and bring it along')
     ensure_packages(args.bundle, args.site or os.path.join(args.out, 'site'))
     args.work = args.work or os.path.join(args.out, 'work')
     report = run(args)
