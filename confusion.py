@@ -16,7 +16,7 @@ import sys
 import matplotlib
 import numpy as np
 
-from ucf.files import atomic_path
+from ucf.files import atomic_path, check_outputs
 from ucf.flags import HelpFormatter, positive_int
 from ucf.provenance import make_provenance, provenance_text
 from ucf.report import report_model
@@ -98,6 +98,7 @@ def main(argv=None):
     p.add_argument('--top', type=positive_int, default=10, help='classes to list in each group')
     args = p.parse_args(argv)
     with exit_on_user_error():
+        check_outputs(folders={'--out': args.out})
         single, lstm = Results.load(args.single, 'single frame'), Results.load(args.lstm, 'lstm')
         sources = same_features(single, lstm, args.single, args.lstm)
         os.makedirs(args.out, exist_ok=True)

@@ -22,7 +22,7 @@ import VGGNet
 import VGGNet_1024
 from helperFunctions import check_clips_on_disk, random_augmentation, read_class_index, read_split
 from ucf.errors import DataError
-from ucf.files import check_writable
+from ucf.files import check_outputs
 from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_resume_flag, fraction,
                        nonnegative_float, nonnegative_int, positive_float, positive_int, use_device)
 from ucf.frame_dataset import LoaderIterator, RandomFrameDataset, stop_when_a_loader_fails
@@ -163,7 +163,7 @@ def make_trainer(args):
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
-        check_writable({'--out': (args.out, True), '--model-out': (args.model_out, False)})  # not an epoch later
+        check_outputs({'--vgg': args.vgg}, {'--model-out': args.model_out}, {'--out': args.out})  # not an epoch later
         trainer, model, vgg = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         model.to_cpu()

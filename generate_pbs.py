@@ -248,9 +248,9 @@ def preflight(args):
     """Before any script is written or submitted: the scheduler's command, the data, the lists, the model."""
     from helperFunctions import check_clips_on_disk, read_split
     from ucf.errors import DataError
-    from ucf.files import check_writable
-    check_writable({'--log-dir': (args.log_dir, True),
-                    **({'--script-dir': (args.script_dir, True)} if args.scheduler != 'local' else {})})
+    from ucf.files import check_outputs
+    check_outputs(folders={'--log-dir': args.log_dir,
+                           **({'--script-dir': args.script_dir} if args.scheduler != 'local' else {})})
     command = {'pbs': 'qsub', 'slurm': 'sbatch'}.get(args.scheduler)
     if command and not shutil.which(command):
         raise DataError(f'{command} not found on PATH: run this on the cluster\'s login node, or choose '

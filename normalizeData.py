@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from ucf.errors import DataError, warn
-from ucf.files import atomic_path, check_writable, ensure_space, refuse_overwriting_inputs
+from ucf.files import atomic_path, check_outputs, ensure_space
 from ucf.flags import HelpFormatter
 from ucf.packed_hdf5 import PackedFile, write_packed
 from ucf.provenance import make_provenance, provenance_text
@@ -91,9 +91,8 @@ def main(argv=None):
     p.add_argument('--stats', default='feature_stats1024.npz')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        outputs = {'--train-out': args.train_out, '--test-out': args.test_out, '--stats': args.stats}
-        refuse_overwriting_inputs({'--train': args.train, '--test': args.test}, outputs)
-        check_writable({flag: (path, False) for flag, path in outputs.items()})
+        check_outputs({'--train': args.train, '--test': args.test},
+                      {'--train-out': args.train_out, '--test-out': args.test_out, '--stats': args.stats})
         train = PackedFile(args.train, kind='features', subset='train')
         test = PackedFile(args.test, kind='features', subset='test', split=train.split)
         train.check_together(test, 'pack both from one extraction (save_hdf5.py)')

@@ -33,7 +33,7 @@ from chainer.training import extensions
 from helperFunctions import PADDING, pad_sequence
 from ucf.errors import warn
 from ucf.fast_lstm import ExpSigmoid, LeanAdam, LSTMLayer
-from ucf.files import atomic_path, check_writable, refuse_overwriting_inputs
+from ucf.files import atomic_path, check_outputs
 from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,
                        positive_float, positive_int, use_device)
 from ucf.packed_hdf5 import PackedFile
@@ -520,10 +520,8 @@ def evaluation_extension(model, clips, techniques, seqlen, segments, batchsize, 
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
-        refuse_overwriting_inputs({'--train': args.train, '--test': args.test},
-                                  {'--model-out': args.model_out, '--results': args.results})
-        check_writable({'--out': (args.out, True), '--model-out': (args.model_out, False),
-                        '--results': (args.results, False)})
+        check_outputs({'--train': args.train, '--test': args.test},
+                      {'--model-out': args.model_out, '--results': args.results}, {'--out': args.out})
         trainer, model, train, test, tester = make_trainer(args)
         trainer.run(show_loop_exception_msg=False)
         if tester.iteration == trainer.updater.iteration:  # evaluated after the last update already

@@ -22,7 +22,7 @@ import sys
 from helperFunctions import read_class_index, read_split
 from ucf.errors import DataError, warn
 from ucf.extraction import ExtractionStore, FailureLog, clip_stem
-from ucf.files import check_writable, ensure_space
+from ucf.files import check_outputs, ensure_space
 from ucf.flags import HelpFormatter, add_data_flags, add_output_folder_flags, output_folders
 from ucf.packed_hdf5 import write_packed
 from ucf.provenance import make_provenance, provenance_text
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument('--skip-missing', action='store_true', help='pack the clips that have files, warn of the rest')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        check_writable({'--out-dir': (args.out_dir, True)})
+        check_outputs(folders={'--out-dir': args.out_dir})
         classes = read_class_index(args.lists)
         subsets = {s: read_split(args.lists, args.split, s) for s in ('train', 'test')}
         store = ExtractionStore(output_folders(args))

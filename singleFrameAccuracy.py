@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ucf.files import refuse_overwriting_inputs
+from ucf.files import check_outputs
 from ucf.flags import HelpFormatter
 from ucf.packed_hdf5 import PackedFile
 from ucf.provenance import make_provenance, provenance_text
@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument('--out', '-o', default='report', help='folder for the confusion matrix and tables')
     args = p.parse_args(argv)
     with exit_on_user_error():
-        refuse_overwriting_inputs({'--predictions': args.predictions}, {'--results': args.results})
+        check_outputs({'--predictions': args.predictions}, {'--results': args.results}, {'--out': args.out})
         predictions = PackedFile(args.predictions, kind='predictions', subset='test')
         results = Results(predictions.names, predictions.labels, clip_scores(predictions), predictions.classes,
                           split=predictions.split, model='single frame', provenance=provenance_text(

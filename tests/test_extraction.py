@@ -236,3 +236,47 @@ def test_topk_with_two_classes():
     from ucf.results import topk_accuracies
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     assert topk_accuracies(np.array([0, 1, 1]), scores) == (2 / 3, 1.0, 1.0)
+
+
+def test_store_keeps_any_number_of_outputs_and_reads_older_manifests(tmp_path):
+    """The extraction store knows its outputs by name: three outputs are written, recorded and traced like two;
+    a manifest whose record names no outputs (written before records did) is read as features, predictions."""
+    import json
+
+    from ucf.extraction import ExtractionStore
+    from ucf.provenance import make_provenance
+    clip = 'A/v_A_g01_c01.avi'
+    folders = {name: str(tmp_path / name) for name in ('features', 'predictions', 'motion')}
+    store = ExtractionStore(folders)
+    store.start(make_provenance('saveFeatures_1024.py', tag='three', split=1))
+    arrays = {name: np.full((5, k + 2), k, np.float64) for k, name in enumerate(folders)}
+    store.save(clip, arrays)
+    again = ExtractionStore(folders)  # read back from the files alone
+    assert again.tag_of(clip) == 'three' and again.tag_of(clip, ('motion',)) == 'three'
+    for name, array in arrays.items():
+        assert again.read(clip, name).dtype == np.float32 and np.array_equal(again.read(clip, name), array)
+    assert json.loads((tmp_path / 'features' / '.extractions' / 'three.json').read_text())['outputs'] == list(folders)
+    np.save(again.path(clip, 'motion'), np.zeros((6, 4), np.float32))  # another run's file for one output
+    again = ExtractionStore(folders)
+    assert again.tag_of(clip, ('features', 'predictions')) == 'three' and again.tag_of(clip) is None
+    assert 'changed since' in again.why_not(clip)
+
+    two = {name: str(tmp_path / 'old' / name) for name in ('features', 'predictions')}
+    old = ExtractionStore(two)
+    old.start(make_provenance('saveFeatures_1024.py', tag='old', split=1))
+    old.save(clip, {name: arrays[name] for name in two})
+    record_path = tmp_path / 'old' / 'features' / '.extractions' / 'old.json'
+    record_path.write_text(json.dumps({k: v for k, v in json.loads(record_path.read_text()).items() if k != 'outputs'}))
+    assert ExtractionStore(two).tag_of(clip) == 'old'
+
+
+def test_results_file_round_trip(tmp_path):
+    from ucf.results import Results
+    results = Results(['A/v_A_g01_c01', 'B/v_B_g01_c01'], [0, 1], [[0.2, 0.1], [0.3, 0.9]], ['A', 'B'], split=2,
+                      model='lstm', inference='full', provenance='{"step": "rnn.py"}')
+    results.save(str(tmp_path / 'r.npz'))
+    loaded = Results.load(str(tmp_path / 'r.npz'), 'lstm')
+    assert list(loaded.clips) == list(results.clips) and loaded.classes == ['A', 'B'] and loaded.split == 2
+    assert loaded.info['inference'] == 'full' and loaded.provenance == {'step': 'rnn.py'}
+    assert loaded.topk((1,)) == (1.0,) and loaded.confusion().tolist() == [[1, 0], [0, 1]]
+    assert list(loaded.restrict({'B/v_B_g01_c01'}).labels) == [1]

@@ -676,6 +676,31 @@ def test_feature_sizes_that_differ(script, reference_packed, tmp_path):
     record('bad input', 'train features 16-d, test features 8-d', script, f'exit 1: {line[:230]}...')
 
 
+@pytest.mark.parametrize('script,given,flag', [('normalizeData.py', 'testPredictions1024.hdf5', '--test'),
+                                              ('normalizeData.py', 'test1024_norm.hdf5', '--test'),
+                                              ('rnn.py', 'testPredictions1024.hdf5', '--test'),
+                                              ('singleFrameAccuracy.py', 'test1024_norm.hdf5', '--predictions')])
+def test_packed_file_of_another_kind(script, given, flag, reference_packed, tmp_path):
+    """A packed file is refused where it is opened when it holds another kind of data than the step reads: the
+    predictions given as features fell through to a width mismatch, normalised features were normalised again."""
+    defaults = {'normalizeData.py': ['--train', str(reference_packed / 'train1024.hdf5'), '--test',
+                                     str(reference_packed / 'test1024.hdf5'), '--train-out', str(tmp_path / 'a.hdf5'),
+                                     '--test-out', str(tmp_path / 'b.hdf5'), '--stats', str(tmp_path / 's.npz')],
+                'rnn.py': ['--train', str(reference_packed / 'train1024_norm.hdf5'), '--test',
+                           str(reference_packed / 'test1024_norm.hdf5'), '--out', str(tmp_path), '--model-out',
+                           str(tmp_path / 'rnn.model'), '--results', str(tmp_path / 'r.npz')],
+                'singleFrameAccuracy.py': ['--predictions', str(reference_packed / 'testPredictions1024.hdf5'),
+                                           '--results', str(tmp_path / 'r.npz'), '--out', str(tmp_path)]}[script]
+    args = list(defaults)
+    args[args.index(flag) + 1] = str(reference_packed / given)
+    result = run(script, *args)
+    line = error_line(result)
+    held = 'per-frame predictions' if 'Predictions' in given else 'normalised fc7 features'
+    assert result.returncode == 1 and f'holds {held}, not' in line and 'pass ' in line, result.stderr[-600:]
+    assert not (tmp_path / 'a.hdf5').exists() and not (tmp_path / 'r.npz').exists()
+    record('bad input', f'{flag} {given} (another kind of packed file)', script, f'exit 1: {line[:200]}')
+
+
 def test_lstm_says_which_test_clips_normalization_left_out(reference_packed, tmp_path):
     """normalizeData leaves out a clip holding NaN: the LSTM was scored on fewer test clips than the single-frame
     results without a word. Now the normalised file names the clips left out and rnn.py says so."""

@@ -386,3 +386,21 @@ def test_max_iterations_and_an_eta_that_counts_evaluation(features, tmp_path, ca
         assert np.allclose(results['scores'], fresh, atol=1e-5)
     # after the first evaluation the ETA includes the evaluations still to come
     assert re.search(r'iteration 20/40 .*ETA \S+ \(of which \S+ evaluation\)', err), err
+
+
+def test_inference_techniques_are_one_table(features, monkeypatch, capsys):
+    """--help lists every technique from rnn.INFERENCE, and a new entry is all a new technique needs."""
+    with pytest.raises(SystemExit):
+        rnn.parse_args(['--help'])
+    shown = ' '.join(capsys.readouterr().out.split())
+    for name, technique in rnn.INFERENCE.items():
+        assert f'{name}: {" ".join(technique.help.split())}' in shown
+    first_step = rnn.Technique(rnn.whole_clip, lambda log_probs: log_probs[0][0], False, 'the first step only')
+    monkeypatch.setitem(rnn.INFERENCE, 'first', first_step)
+    clips = rnn.open_features(str(features / 'test.hdf5'), 'test')
+    np.random.seed(0)
+    model = rnn.RNN(clips.dim, 8, 1, 8, 3)
+    scores = rnn.evaluate(model, clips, ['full', 'first'], seqlen=12)
+    for i in (0, 7):
+        assert np.allclose(scores['first'][i], rnn.step_log_probs(model, [clips.read(i)])[0][0], atol=1e-5)
+    assert rnn.parse_args(['--inference', 'first']).inference == ['first']

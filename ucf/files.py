@@ -172,11 +172,20 @@ def save_npy_atomic(path, array):
     return bytes_digest(buffer.getbuffer())
 
 
-def check_writable(outputs):
+def check_outputs(inputs=None, files=None, folders=None):
+    """A step's outputs, checked before any work starts ({flag: path} each): no output file is an input or
+    another output, and every output can be written (the folders' own, and those of the files). DataError
+    naming the flag otherwise."""
+    files, folders = files or {}, folders or {}
+    _refuse_overwriting_inputs(inputs or {}, files)
+    _check_writable({**{flag: (path, True) for flag, path in folders.items()},
+                     **{flag: (path, False) for flag, path in files.items()}})
+
+
+def _check_writable(outputs):
     """DataError naming the flag of the first output that cannot be written (a read-only file system, a folder
-    without permission, a file in the way), before any work starts. `outputs`: {flag: (path, is_folder)}.
-    Writes a probe file where the output would go, or into the nearest existing folder above it; creates
-    nothing that stays."""
+    without permission, a file in the way). `outputs`: {flag: (path, is_folder)}. Writes a probe file where the
+    output would go, or into the nearest existing folder above it; creates nothing that stays."""
     for flag, (path, is_folder) in outputs.items():
         folder = os.path.abspath(path if is_folder else os.path.dirname(os.path.abspath(path)))
         existing = folder
@@ -194,7 +203,7 @@ def check_writable(outputs):
                             f'to (scratch), e.g. {flag} $SCRATCH/{example}') from None
 
 
-def refuse_overwriting_inputs(inputs, outputs):
+def _refuse_overwriting_inputs(inputs, outputs):
     """DataError naming the flags if an output path is an input (or one output is another): no step may write over
     what it reads. `inputs`, `outputs`: {flag: path}."""
     def same(a, b):
