@@ -86,8 +86,8 @@ def compare(single, lstm, out_dir, n=10, stream=None):
     lines = write_improvement(out_dir, classes, clips, before, after, improved, not_improved)
     print('\n'.join(lines), file=stream or sys.stdout)
     plot_improvement(os.path.join(out_dir, 'improvement.png'), classes, before, after, improved, not_improved)
-    return [(classes[i], before[i], after[i]) for i in improved], [(classes[i], before[i], after[i])
-                                                                    for i in not_improved]
+    return ([(classes[i], before[i], after[i]) for i in improved],
+            [(classes[i], before[i], after[i]) for i in not_improved])
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ VIDEO_EXTENSIONS = ('.avi', '.mp4', '.m4v', '.mkv', '.webm', '.mov', '.mpg', '.m
 Clip = collections.namedtuple('Clip', 'path label')  # path relative to the data root, 0-based label
 
 
-
 def _lines(path):
     if not os.path.isfile(path):
         raise DataError(f'{path}: split file not found. Point --lists at the folder holding classInd.txt, '
@@ -126,7 +125,6 @@ def check_clips_on_disk(data_root, clips, allow_missing=False):
             raise DataError(message + '. Check --data and --split, or pass --skip-missing to go on without them.')
         warn(message + '; going on without them (--skip-missing).')
     return present
-
 
 
 def random_augmentation(rng, width, height, flip=True, crop=False, resize=False, rotate=False,

@@ -41,6 +41,7 @@ from ucf.provenance import make_provenance
 from ucf.runcontrol import Progress, check_memory, exit_on_user_error
 from ucf.video import VideoError, header_frame_count, iter_frames, video_info
 
+
 def split_clips(data_root, lists, split, subsets=('train', 'test'), skip_missing=False):
     """All clips of the split, sorted by path, so that every shard job sees the same list."""
     clips = []

@@ -34,7 +34,6 @@ def host_name():
     return re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40] or 'host'
 
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

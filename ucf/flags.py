@@ -34,8 +34,6 @@ positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), 'a positive 
 nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), 'zero or more')
 fraction = _number(float, lambda v: 0 <= v < 1, 'in [0, 1)')
 
-
-
 DEFAULT_DEVICE = '-1'
 SPLITS = (1, 2, 3)
 

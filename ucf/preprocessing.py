@@ -27,7 +27,8 @@ def preprocess_frame(frame, size, augmentation=NO_AUGMENTATION, out=None):
     preprocess_frame v1 resized with Pillow's bilinear filter instead. Both filters are triangles that widen with
     the reduction; their rounding differs: from UCF-101's 320x240 to 224x224 by at most two grey levels, at about
     one value in six, 0.17 on average (tests/test_video.py, tools/bench.py); at reductions of 2x and more, by a few
-    levels near sharp edges. This is 2-3x faster than v1 (tools/bench.py); training and extraction share it, so they still agree.
+    levels near sharp edges. This is 2-3x faster than v1 (tools/bench.py); training and extraction share it, so
+    they still agree.
     """
     rgb = frame.rgb if isinstance(frame, Frame) else frame
     if augmentation.angle or augmentation.crop is not None:
