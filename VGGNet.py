@@ -62,10 +62,11 @@ class VGGTrunk(chainer.Chain):
 
     Two choices are made here, once: `conv`, how convolutions and poolings run ('stock' Chainer or 'fast',
     ucf/fast_conv.py; GPU arrays use Chainer's own either way), and `train_from`, the lowest layer that learns:
-    `learns(layer)` is the one place that decides which layers build a graph and get updates.
+    `learns(layer)` is the one place that decides which layers build a graph and get updates. `in_channels`: 3 for
+    RGB frames, 2L for the flow stream's stacks of L fields.
     """
 
-    def __init__(self, insize=224, widths=WIDTHS, fc6_size=4096, conv='stock', train_from='conv1_1'):
+    def __init__(self, insize=224, widths=WIDTHS, fc6_size=4096, conv='stock', train_from='conv1_1', in_channels=3):
         super().__init__()
         if insize % 32:
             raise ValueError(f'insize must be a multiple of 32 (five 2x2 poolings), got {insize}')
@@ -74,7 +75,7 @@ class VGGTrunk(chainer.Chain):
         self.insize, self.conv, self.train_from = insize, conv, train_from
         self.convolve, self.pool, self.frozen_pass = IMPLEMENTATIONS[conv]
         with self.init_scope():
-            channels, names, he = 3, iter(CONV_LAYERS), chainer.initializers.HeNormal()
+            channels, names, he = in_channels, iter(CONV_LAYERS), chainer.initializers.HeNormal()
             for width, n in zip(widths, BLOCKS):
                 for _ in range(n):
                     # He initialisation keeps a randomly initialised (demo) network's activations from vanishing.
@@ -115,6 +116,10 @@ class VGGTrunk(chainer.Chain):
             return F.relu(self.fc6(h))
 
     @property
+    def in_channels(self):
+        return self.conv1_1.W.shape[1]
+
+    @property
     def widths(self):
         """Channels per block, (64, 128, 256, 512, 512) in the real VGG16."""
         return tuple(getattr(self, CONV_LAYERS[sum(BLOCKS[:i])]).W.shape[0] for i in range(len(BLOCKS)))
@@ -144,9 +149,10 @@ class VGGNet(VGGTrunk):
 # VGG.model: an npz of the link parameters ('conv1_1/W', ...) plus 'provenance' saying where they came from
 # ----------------------------------------------------------------------------------------------------------
 
-def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None):
-    """{parameter name: shape} of VGG16 for these sizes (fc7_size: VGGNet_1024's narrower fc7)."""
-    shapes, channels = {}, 3
+def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None, in_channels=3):
+    """{parameter name: shape} of VGG16 for these sizes (fc7_size: VGGNet_1024's narrower fc7; in_channels: the flow
+    stream's 2L)."""
+    shapes, channels = {}, in_channels
     for block, (count, width) in enumerate(zip(BLOCKS, widths)):
         for i in range(count):
             name = f'conv{block + 1}_{i + 1}'
@@ -159,11 +165,11 @@ def expected_shapes(insize, widths, fc_size, n_classes, fc7_size=None):
     return shapes
 
 
-def memory_needed(insize, widths, fc_size, n_classes, fc7_size, batchsize, training):
+def memory_needed(insize, widths, fc_size, n_classes, fc7_size, batchsize, training, in_channels=3):
     """{what: bytes}, a lower bound of what a pass over one batch holds at once, for check_memory(): the weights
     (fc7/fc8 scale with --feature-size), in training the fc layers' gradients and momentum and every convolution's
     output kept for the backward pass, in inference the widest layer's input and output."""
-    shapes = expected_shapes(insize, widths, fc_size, n_classes, fc7_size)
+    shapes = expected_shapes(insize, widths, fc_size, n_classes, fc7_size, in_channels)
     params = sum(int(np.prod(shape)) for shape in shapes.values())
     learned = sum(int(np.prod(shapes[f'{name}/{kind}'])) for name in FC_LAYERS[1:] for kind in 'Wb')
     sides = [insize >> block for block in range(len(BLOCKS))]
@@ -172,9 +178,10 @@ def memory_needed(insize, widths, fc_size, n_classes, fc7_size, batchsize, train
         kept = sum(width * count * side ** 2 for width, count, side in zip(widths, BLOCKS, sides))
         return {'the weights (fc7, fc8: --feature-size)': 4 * params,
                 'fc7/fc8 gradients and momentum (--feature-size)': 8 * learned,
-                f'the activations of {frames}': 4 * batchsize * (3 * insize ** 2 + kept)}
+                f'the activations of {frames}': 4 * batchsize * (in_channels * insize ** 2 + kept)}
     widest = max(width * side ** 2 for width, side in zip(widths, sides))
-    return {'the weights': 4 * params, f'the activations of {frames}': 4 * batchsize * (3 * insize ** 2 + 2 * widest)}
+    return {'the weights': 4 * params,
+            f'the activations of {frames}': 4 * batchsize * (in_channels * insize ** 2 + 2 * widest)}
 
 
 def shapes_from_params(params):
@@ -195,10 +202,17 @@ def shapes_from_params(params):
     if len(fc6) != 2 or side * side * widths[-1] != fc6[1]:
         raise DataError(f'fc6 has shape {fc6}, which does not take {widths[-1]} x side x side inputs')
     sizes = side * 32, widths, fc6[0], params['fc8/W'].shape[0]
-    for name, shape in expected_shapes(*sizes, fc7_size=params['fc7/W'].shape[0]).items():
+    for name, shape in expected_shapes(*sizes, fc7_size=params['fc7/W'].shape[0],
+                                       in_channels=input_channels(params)).items():
         if params[name].shape != shape:
             raise DataError(f'not a VGG16 parameter set: {name} has shape {params[name].shape}, expected {shape}')
     return sizes
+
+
+def input_channels(params):
+    """The channels conv1_1 takes: 3 (RGB), or 2L (a flow stream's stack of L fields)."""
+    shape = params['conv1_1/W'].shape
+    return shape[1] if len(shape) == 4 else 3
 
 
 def read_params(path, what='VGG16 weights', how=HOW_TO_GET):
@@ -220,6 +234,9 @@ def load_vgg(path, conv='stock'):
         insize, widths, fc_size, n_classes = shapes_from_params(params)
     except DataError as e:
         raise DataError(f'{path}: {e}. {HOW_TO_GET}') from e
+    if input_channels(params) != 3:
+        raise DataError(f'{path}: its conv1_1 takes {input_channels(params)} channels, not RGB\'s 3: not ImageNet '
+                        f'VGG16 weights (a flow model?). {HOW_TO_GET}')
     model = VGGNet(insize, widths, fc_size, n_classes, conv)
     set_params(model, params, path)
     provenance = model_provenance(path, params)

@@ -58,8 +58,12 @@ def family_look(family, n_families):
     return background, foreground, SHAPES[family % len(SHAPES)]
 
 
-def render_clip(name, family, direction, n_families, n_frames, width, height, rng):
-    """(n_frames, height, width, 3) uint8 frames of one clip."""
+def render_clip(name, family, direction, n_families, n_frames, width, height, rng, true_flow=None):
+    """(n_frames, height, width, 3) uint8 frames of one clip. With a list `true_flow`, the true motion is appended
+    to it: for each frame but the last, the flow field (height x width x 2, x then y) that carries the frame's
+    object pixels to the next frame (the static scene: 0), or None where the object leaves and re-enters the
+    frame (a slide's cycle wrapping round) or only changes brightness (a fade: no motion, but not brightness
+    constancy either). Nothing it computes touches `rng`: the frames are the same with or without it."""
     background, foreground, shape = family_look(family, n_families)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     # A per-clip low-frequency texture and brightness so that clips of a class are not identical.
@@ -73,6 +77,7 @@ def render_clip(name, family, direction, n_families, n_frames, width, height, rn
     period = rng.uniform(0.6, 1.0) * max(n_frames, 24)  # frames per cycle: about one cycle per clip
     motion = family if direction else None  # which of MOTIONS moves this clip
     frames = np.empty((n_frames, height, width, 3), np.uint8)
+    states = []
     for t in range(n_frames):
         u = (cycle + direction * t / period) % 1.0  # position in the cycle, uniform over [0, 1) at any t
         x, y, r, brightness = cx, cy, radius, 1.0
@@ -101,7 +106,34 @@ def render_clip(name, family, direction, n_families, n_frames, width, height, rn
         frame = np.where(mask[..., None], foreground * brightness, scene * brightness)
         frame += rng.normal(0, 4, size=(1, width, 1)).astype(np.float32)  # cheap per-frame sensor noise
         frames[t] = np.clip(frame, 0, 255)
+        states.append((x, y, r, mask))
+    if true_flow is not None:
+        fade = motion == 3
+        true_flow.extend([None] * (n_frames - 1) if fade else
+                         true_motion(states, xx, yy, wraps=motion_wraps(states, width)))
     return frames
+
+
+def motion_wraps(states, width):
+    """The steps at which an object's position jumps (a slide's cycle wrapping round): no motion is true there."""
+    return {t for t in range(len(states) - 1) if abs(states[t + 1][0] - states[t][0]) > width / 2}
+
+
+def true_motion(states, xx, yy, wraps=()):
+    """The flow fields between consecutive states (x, y, radius, mask) of a clip's object: every object pixel
+    moves with the object's centre, and scales about it as its radius changes; the scene stays."""
+    fields = []
+    for t in range(len(states) - 1):
+        if t in wraps:
+            fields.append(None)
+            continue
+        (x0, y0, r0, mask), (x1, y1, r1, _) = states[t], states[t + 1]
+        scale = r1 / r0
+        field = np.zeros(mask.shape + (2,), np.float32)
+        field[..., 0] = np.where(mask, x1 + (xx - x0) * scale - xx, 0)
+        field[..., 1] = np.where(mask, y1 + (yy - y0) * scale - yy, 0)
+        fields.append(field)
+    return fields
 
 
 def write_avi(path, frames, fps, codec='libxvid', quality=3, b_frames=2):

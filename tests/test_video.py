@@ -112,6 +112,20 @@ def test_random_access_equals_sequential_decoding(clips, name):
     assert np.array_equal(last.rgb, frames[-1]) and last.index == len(frames) - 1
 
 
+@pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart', *TRUNCATED])
+def test_runs_of_frames_equal_sequential_decoding(clips, name):
+    """read_frames_from (the flow stream's training stacks read L+1 frames at a random place) gives the frames of
+    sequential decoding, entered anywhere, running past the end included."""
+    path = clips[name]
+    frames, info = video.read_frames(path), video.video_info(path)
+    for start in sorted({0, 1, len(frames) // 3, len(frames) // 2, max(len(frames) - 4, 0), len(frames) - 1}):
+        run = video.read_frames_from(path, start, 4, info)
+        first = min(start, len(frames) - 1)  # past the end: the last frame alone
+        want = frames[first:start + 4]
+        assert [f.index for f in run] == list(range(first, first + len(want))), (name, start)
+        assert all(np.array_equal(f.rgb, w) for f, w in zip(run, want)), (name, start)
+
+
 @pytest.mark.parametrize('name', [*ENCODINGS, 'h264-mp4-faststart'])
 def test_preprocessing_the_decoders_frames_is_preprocessing_the_command_lines_rgb(clips, name):
     """preprocess_frame on the decoder's own frames (what extraction and training give it) equals it on the RGB
@@ -168,7 +182,7 @@ def test_timestamped_containers_are_entered_at_a_keyframe(clips, name):
     assert info.seek is not None and len(info.seek.key_pts) > 1
     container, stream = video._open_video(path)
     with container:
-        found = sum(video._seek_frame(container, stream, info.seek, i) is not None for i in range(info.stored))
+        found = sum(video._seek_frames(container, stream, info.seek, i, 1) is not None for i in range(info.stored))
     assert found >= 0.9 * info.stored
 
 

@@ -12,24 +12,28 @@ import chainer
 import numpy as np
 
 from ucf.errors import DataError, warn
+from ucf.flow import FlowError, frames_for_stack, stack_from_frames
 from ucf.preprocessing import NO_AUGMENTATION, preprocess_frame
 from ucf.runcontrol import Progress
-from ucf.video import VideoError, read_frame, read_frames, video_info
+from ucf.video import VideoError, read_frame, read_frames, read_frames_from, video_info
 
 
 class RandomFrameDataset(chainer.dataset.DatasetMixin):
-    """Example i: one frame of clip i, preprocessed, and the clip's label.
+    """Example i: one frame of clip i, preprocessed, and the clip's label; with `flow` (FlowSettings), the flow
+    stream's input for that frame instead: its stack of flow fields (ucf/flow.py), exactly as extraction makes it.
 
     train=True draws a random frame and, with `augment` (rng, width, height -> an Augmentation: e.g.
     helperFunctions.random_augmentation), random augmentations each time; train=False takes the middle frame
     unaugmented (a fixed evaluation set). ucf.video.read_frame returns exactly the frame that sequential decoding
     shows at that index, whatever the encoding (B-frames in AVI included). A clip that cannot be read is reported
     once and replaced by another clip of the same class, so one bad file cannot stop a long run. With `cache_mb`,
-    decoded clips (RGB) are kept in memory up to that size.
+    decoded clips (RGB) are kept in memory up to that size. A flow stack is flipped (its x planes negated) where
+    the augmentation says flip; the other augmentations are the RGB stream's.
     """
 
-    def __init__(self, data_root, clips, insize, train=True, augment=None, cache_mb=0, seed=0, class_names=None):
-        self.data_root, self.clips, self.insize, self.train = data_root, clips, insize, train
+    def __init__(self, data_root, clips, insize, train=True, augment=None, cache_mb=0, seed=0, class_names=None,
+                 flow=None):
+        self.data_root, self.clips, self.insize, self.train, self.flow = data_root, clips, insize, train, flow
         self.class_names = class_names or {c.label: str(c.label) for c in clips}
         self.seed, self.home_pid = seed, os.getpid()
         self.cache, self.cache_bytes, self.cache_used = collections.OrderedDict(), cache_mb << 20, 0
@@ -76,10 +80,32 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         # The last frame of a UCF-101 clip is often corrupt: draw from the others.
         last = max(count - 2, 0)
         index = self.rng.randint(0, last + 1) if self.train else last // 2
+        if self.flow:
+            return self.flow_stack(i, path, index, last + 1, frames if self.cache_bytes else None)
         rgb = frames[index] if self.cache_bytes else read_frame(path, index, self.info[i]).rgb
         augmentation = (self.augment(self.rng, rgb.shape[1], rgb.shape[0]) if self.train and self.augment
                         else NO_AUGMENTATION)
         return preprocess_frame(rgb, self.insize, augmentation)
+
+    def flow_stack(self, i, path, index, n_frames, cached=None):
+        """The flow stream's input for frame `index` of clip i, which counts n_frames usable frames: its stack's
+        frames decoded (or taken from the cache), the fields computed, flipped with the augmentation's flip."""
+        if n_frames < 2:
+            raise FlowError(path, 'one frame: no motion to compute flow from')
+        first, count = frames_for_stack(index, n_frames, self.flow.stack)
+        if cached is not None:
+            frames = cached[first:first + count]
+        else:
+            read = read_frames_from(path, first, count, self.info[i])
+            if read[0].index != first or len(read) < count:  # fewer decode than the packets promise
+                decodable = read[-1].index + 1
+                return self.flow_stack(i, path, min(index, decodable - 1), decodable)
+            frames = [f.rgb for f in read]
+        x = stack_from_frames(frames, first, index, n_frames, self.flow, self.insize)
+        if self.train and self.augment and self.augment(self.rng, self.insize, self.insize).flip:
+            x = x[:, :, ::-1].copy()
+            x[0::2] *= -1  # the x components point the other way
+        return x
 
     def probe(self):
         """Read every clip's packets once, here, before the loaders fork (they inherit what it found): unreadable

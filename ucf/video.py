@@ -284,45 +284,58 @@ def read_frames(path):
     return np.stack(frames)
 
 
-def _seek_frame(container, stream, seek, index):
-    """Frame `index` by entering at the keyframe before it, or None where that cannot be done exactly."""
-    target = seek.pts[index]
-    k = int(np.searchsorted(seek.key_pts, target, side='right')) - 1
+def _seek_frames(container, stream, seek, index, count):
+    """Frames index .. index+count-1 by entering at the keyframe before the first, or None where that cannot be
+    done exactly."""
+    targets = seek.pts[index:index + count]
+    k = int(np.searchsorted(seek.key_pts, targets[0], side='right')) - 1
     if k < 0:
         return None
     entry = seek.key_dts[k] if seek.key_dts[k] is not None else int(seek.key_pts[k])
     container.seek(int(entry), stream=stream, backward=True, any_frame=False)
+    found = []
     for frame in _decode(container, stream):
-        if frame.pts is None or frame.pts > target:
-            return None  # entered after the frame, or the decoder dropped it: not what sequential decoding shows
-        if frame.pts == target:
-            return frame
+        if frame.pts is not None and frame.pts < targets[0]:
+            continue  # decoded on the way from the keyframe
+        if frame.pts != targets[len(found)]:
+            return None  # entered after the frame, or the decoder dropped one: not what sequential decoding shows
+        found.append(frame)
+        if len(found) == len(targets):
+            return found
     return None
 
 
-def read_frame(path, index, info=None):
-    """Frame `index` of a clip, bit-identical to iter_frames(path)'s frame `index`.
+def read_frames_from(path, index, count, info=None):
+    """Frames index .. index+count-1 of a clip (fewer where the clip ends first), bit-identical to those of
+    iter_frames(path).
 
     The clip is probed once (pass `info` to skip that). An index past the last decodable frame (a header that
-    over-states the length) gives the clip's last decodable frame (its own index says which).
+    over-states the length) gives the clip's last decodable frame alone (its own index says which).
     """
     info = info or video_info(path)
-    if info.seek is not None and 0 <= index < len(info.seek.pts):
+    if info.seek is not None and 0 <= index and index + count <= len(info.seek.pts):
         container, stream = _open_video(path)
         with container:
-            frame = _seek_frame(container, stream, info.seek, index)
-            if frame is not None:
-                return Frame(_rgb(frame), index)
+            frames = _seek_frames(container, stream, info.seek, index, count)
+            if frames is not None:
+                return [Frame(_rgb(frame), index + k) for k, frame in enumerate(frames)]
     container, stream = _open_video(path)
     with container:
-        last, n = None, -1
+        wanted, last = [], None
         for n, frame in enumerate(_decode(container, stream)):
-            last = frame
-            if n == index:
-                break
+            last = n, frame
+            if n >= index:  # only the frames asked for are converted
+                wanted.append(Frame(_rgb(frame), n))
+                if len(wanted) == count:
+                    break
         if last is None:
             raise VideoError(path, 'no frame could be decoded')
-        return Frame(_rgb(last), n)
+        return wanted or [Frame(_rgb(last[1]), last[0])]
+
+
+def read_frame(path, index, info=None):
+    """Frame `index` of a clip, bit-identical to iter_frames(path)'s frame `index` (read_frames_from)."""
+    return read_frames_from(path, index, 1, info)[0]
 
 
 def scaled_bgr(rgb, size):

@@ -1,0 +1,58 @@
+"""The streams: what a network sees of a video, and the default names of what each stream's steps read and write.
+
+    rgb          single RGB frames (the handout's)
+    flow         stacks of optical flow fields between consecutive frames (ucf/flow.py)
+    two-stream   both, fused: single-frame scores from both streams' per-frame predictions, and the LSTM on both
+                 streams' features of each frame side by side (scoring and the LSTM only)
+
+Every step takes --stream; a flag whose default is a stream's file (`StreamPath`) gets the stream's suffix when it
+is not given: `--stream flow` reads VGG_1024_flow.model, writes UCF-101_features_flow/, train1024_flow.hdf5, ...
+With two-stream, what a step writes gets '_twostream' and what it reads comes from both streams (its rgb flags
+and its flow flags). A path given on the command line is taken as it is.
+"""
+import collections
+import os
+
+Stream = collections.namedtuple('Stream', 'suffix help')
+STREAMS = {
+    'rgb': Stream('', "single RGB frames (the handout's)"),
+    'flow': Stream('_flow', 'stacks of optical flow fields (ucf/flow.py)'),
+    'two-stream': Stream('_twostream', 'rgb and flow fused: per-frame predictions averaged, features side by side'),
+}
+NETWORK_STREAMS = ('rgb', 'flow')  # the streams a network is fine-tuned and extracted for
+
+
+class StreamPath(str):
+    """A flag's default path, named for the rgb stream; other streams add their suffix (stream_path). `role`:
+    'output' follows --stream; 'input' follows it too, but reads the rgb stream's file for two-stream; 'flow' is
+    always the flow stream's (the second input of two-stream)."""
+
+    def __new__(cls, path, role='output'):
+        value = super().__new__(cls, path)
+        value.role = role
+        return value
+
+
+def stream_path(path, stream):
+    """'train1024.hdf5' -> 'train1024_flow.hdf5', 'UCF-101_features' -> 'UCF-101_features_flow' (a folder's
+    trailing slash kept)."""
+    head, slash = path.rstrip('/'), '/' if path.endswith('/') else ''
+    root, ext = os.path.splitext(head)
+    return root + STREAMS[stream].suffix + ext + slash
+
+
+def add_stream_flag(group, choices=tuple(STREAMS)):
+    group.add_argument('--stream', default='rgb', choices=list(choices),
+                       help='; '.join(f'{name}: {STREAMS[name].help}' for name in choices)
+                       + '. The default file names of another stream than rgb take its suffix ('
+                       + ', '.join(f'{STREAMS[name].suffix}' for name in choices if STREAMS[name].suffix) + ')')
+
+
+def apply_stream(args):
+    """Give every path flag left at its default (a StreamPath) the suffix of its stream; returns args."""
+    for name, value in vars(args).items():
+        if isinstance(value, StreamPath):
+            stream = ('flow' if value.role == 'flow' else
+                      'rgb' if value.role == 'input' and args.stream == 'two-stream' else args.stream)
+            setattr(args, name, stream_path(value, stream))
+    return args
