@@ -33,6 +33,7 @@ import time
 from ucf.files import atomic_path
 from ucf.flags import DEFAULT_DEVICE, nonnegative_int, positive_int, split_at_dashes
 from ucf.runcontrol import exit_on_user_error
+from ucf.streams import StreamPath, stream_path
 
 # By absolute path, so that jobs can run in any folder (the one holding the data and outputs).
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'saveFeatures_1024.py')
@@ -196,7 +197,8 @@ def parse_args(argv=None):
     p.add_argument('--num-shards', type=positive_int, default=12)
     p.add_argument('--walltime', default='02:30:00', type=walltime,
                    help='per job, [D-]HH:MM:SS (PBS and Slurm both read it)')
-    p.add_argument('--name', default='saveFeatures', help='job name and log file prefix')
+    p.add_argument('--name', default=StreamPath('saveFeatures'),
+                   help='job name and log file prefix (with -- --stream flow: saveFeatures_flow)')
     p.add_argument('--script-dir', default='jobs', help='where the job scripts are written')
     p.add_argument('--log-dir', default='jobs', help='where the jobs write their output')
     p.add_argument('--workdir', default='.', help='folder the jobs run in when the scheduler does not say')
@@ -233,6 +235,8 @@ def parse_args(argv=None):
     import saveFeatures_1024
     args.shard_args = saveFeatures_1024.parse_args(['--shard', '0', '--num-shards', str(args.num_shards),
                                                     '--device', args.device, *extra])
+    if isinstance(args.name, StreamPath):  # the jobs of the two streams' extractions keep apart
+        args.name = stream_path(args.name, args.shard_args.stream)
     # The flags the generator sets for every job must not come after -- as well (the last one would win: every
     # job would extract the same shard). Parsed as saveFeatures_1024.py would, abbreviations and -d included.
     probe = saveFeatures_1024.make_parser()

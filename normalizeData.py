@@ -21,6 +21,7 @@ from ucf.flags import HelpFormatter
 from ucf.packed_hdf5 import PackedFile, write_packed
 from ucf.provenance import make_provenance, provenance_text
 from ucf.runcontrol import Progress, exit_on_user_error
+from ucf.streams import NETWORK_STREAMS, StreamPath, add_stream_flag, apply_stream
 
 
 def report_nonfinite(path, name):
@@ -84,17 +85,18 @@ def normalized_items(packed, mean, std, left_out=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument('--train', default='train1024.hdf5')
-    p.add_argument('--test', default='test1024.hdf5')
-    p.add_argument('--train-out', default='train1024_norm.hdf5')
-    p.add_argument('--test-out', default='test1024_norm.hdf5')
-    p.add_argument('--stats', default='feature_stats1024.npz')
-    args = p.parse_args(argv)
+    add_stream_flag(p, NETWORK_STREAMS)
+    p.add_argument('--train', default=StreamPath('train1024.hdf5'))
+    p.add_argument('--test', default=StreamPath('test1024.hdf5'))
+    p.add_argument('--train-out', default=StreamPath('train1024_norm.hdf5'))
+    p.add_argument('--test-out', default=StreamPath('test1024_norm.hdf5'))
+    p.add_argument('--stats', default=StreamPath('feature_stats1024.npz'))
+    args = apply_stream(p.parse_args(argv))
     with exit_on_user_error():
         check_outputs({'--train': args.train, '--test': args.test},
                       {'--train-out': args.train_out, '--test-out': args.test_out, '--stats': args.stats})
-        train = PackedFile(args.train, kind='features', subset='train')
-        test = PackedFile(args.test, kind='features', subset='test', split=train.split)
+        train = PackedFile(args.train, kind='features', subset='train', stream=args.stream)
+        test = PackedFile(args.test, kind='features', subset='test', split=train.split, stream=args.stream)
         train.check_together(test, 'pack both from one extraction (save_hdf5.py)')
         mean, std, count, left_out = feature_statistics(train)
         constant = std < 1e-6

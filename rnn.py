@@ -39,6 +39,7 @@ from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction
 from ucf.packed_hdf5 import PackedFile
 from ucf.provenance import extraction_of, make_provenance, provenance_text
 from ucf.results import TOPK, Results, format_accuracy, topk_accuracies
+from ucf.streams import StreamPath, add_stream_flag, apply_stream
 from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error, rate_eta_extension,
                             resume_trainer, stop_on_divergence)
 
@@ -47,14 +48,21 @@ matplotlib.use('Agg')
 # Settings a resumed run may change: where it runs and what it writes, not what it computes. A longer --epoch
 # continues the same run further.
 FREE_ON_RESUME = {'resume', 'device', 'epoch', 'max_iterations', 'in_memory', 'out', 'model_out', 'results', 'train',
-                  'test'}
+                  'test', 'flow_train', 'flow_test'}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group('data')
-    data.add_argument('--train', default='train1024_norm.hdf5', help='normalised training features')
-    data.add_argument('--test', default='test1024_norm.hdf5', help='normalised test features')
+    add_stream_flag(data)
+    data.add_argument('--train', default=StreamPath('train1024_norm.hdf5', 'input'),
+                      help='normalised training features (two-stream: the rgb stream\'s)')
+    data.add_argument('--test', default=StreamPath('test1024_norm.hdf5', 'input'),
+                      help='normalised test features (two-stream: the rgb stream\'s)')
+    data.add_argument('--flow-train', default=StreamPath('train1024_norm.hdf5', 'flow'),
+                      help='two-stream: the flow stream\'s normalised training features')
+    data.add_argument('--flow-test', default=StreamPath('test1024_norm.hdf5', 'flow'),
+                      help='two-stream: the flow stream\'s normalised test features')
     data.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
     model = p.add_argument_group('model')
     model.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
@@ -98,12 +106,13 @@ def parse_args(argv=None):
                                 'in its failures file)')
     inference.add_argument('--segments', type=positive_int, default=5, help='sequences per clip for segments')
     output = p.add_argument_group('output and resume')
-    output.add_argument('--out', '-o', default='result_lstm', help='folder for the log, plots and snapshots')
-    output.add_argument('--model-out', default='rnn.model', help='where the trained weights go')
-    output.add_argument('--results', default='lstm_results.npz', help='per-clip test scores, for confusion.py')
+    output.add_argument('--out', '-o', default=StreamPath('result_lstm'), help='folder for the log, plots and snapshots')
+    output.add_argument('--model-out', default=StreamPath('rnn.model'), help='where the trained weights go')
+    output.add_argument('--results', default=StreamPath('lstm_results.npz'),
+                        help='per-clip test scores, for confusion.py')
     add_resume_flag(output)
     add_device_flag(output)
-    args = p.parse_args(argv)
+    args = apply_stream(p.parse_args(argv))
     if args.variable_length > args.seqlen:
         p.error(f'--variable-length {args.variable_length} is longer than --seqlen {args.seqlen}')
     return args
@@ -113,14 +122,55 @@ def parse_args(argv=None):
 # Data: clips read from the HDF5 file one at a time (memory stays small at full scale unless --in-memory)
 # ----------------------------------------------------------------------------------------------------------
 
-def open_features(path, subset, split=None, in_memory=False):
+def open_features(path, subset, split=None, in_memory=False, stream=None):
     """A packed file of (normalised) features for the LSTM; raw features are taken with a note."""
     clips = PackedFile(path, kind=('normalized features', 'features'), subset=subset, split=split, finite=True,
-                       in_memory=in_memory)
+                       in_memory=in_memory, stream=stream)
     if clips.kind == 'features':
         print(f'NOTE: {path} is not normalised (run normalizeData.py); the LSTM learns badly on raw fc7',
               file=sys.stderr)
     return clips
+
+
+def open_inputs(args):
+    """(training, test) features of --stream: one stream's packed files, each pair from one extraction; for
+    two-stream, the rgb and the flow stream's, joined frame by frame."""
+    files = ([('rgb', args.train, args.test), ('flow', args.flow_train, args.flow_test)]
+             if args.stream == 'two-stream' else [(args.stream, args.train, args.test)])
+    pairs = []
+    for stream, train_path, test_path in files:
+        train = open_features(train_path, 'train', in_memory=args.in_memory, stream=stream)
+        test = open_features(test_path, 'test', split=train.split, in_memory=args.in_memory, stream=stream)
+        train.check_together(test, 'pack and normalise both from one extraction')
+        pairs.append((train, test))
+    if len(pairs) == 1:
+        return pairs[0]
+    return JoinedFeatures(*(p[0] for p in pairs)), JoinedFeatures(*(p[1] for p in pairs))
+
+
+class JoinedFeatures:
+    """Two streams' packed features of a subset side by side: frame t of a clip is the rgb stream's feature of
+    frame t, then the flow stream's (whose input for frame t is the stack that starts there). The clips both
+    streams hold, with the same frame counts (checked here); a clip one of them left out is left out."""
+
+    def __init__(self, rgb, flow):
+        rgb.check_aligned(flow, only_common=True)
+        where = {name: i for i, name in enumerate(flow.names)}
+        self.parts, self.rows = (rgb, flow), [(i, where[n]) for i, n in enumerate(rgb.names) if n in where]
+        self.names = [rgb.names[i] for i, _ in self.rows]
+        self.labels = rgb.labels[[i for i, _ in self.rows]]
+        self.classes, self.split, self.dim = rgb.classes, rgb.split, rgb.dim + flow.dim
+        self.left_out = sorted(set(rgb.left_out) | set(flow.left_out) | (set(rgb.names) ^ set(flow.names)))
+        self.record = dict(rgb=rgb.record, flow=flow.record)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def read(self, i):
+        return np.concatenate([part.read(j) for part, j in zip(self.parts, self.rows[i])], axis=1)
+
+    def lengths(self):
+        return self.parts[0].lengths()[[i for i, _ in self.rows]]
 
 
 def training_sequence(x, length, rng, max_stride=1, noise=0.0, padding='reverse'):
@@ -330,9 +380,7 @@ def memory_needed(args, n_in, n_classes):
 
 
 def make_trainer(args):
-    train = open_features(args.train, 'train', in_memory=args.in_memory)
-    test = open_features(args.test, 'test', split=train.split, in_memory=args.in_memory)
-    train.check_together(test, 'pack and normalise both from one extraction')
+    train, test = open_inputs(args)
     check_memory(memory_needed(args, train.dim, len(train.classes)), args.device,
                  'lower the flags named above')
     np.random.seed(args.seed)
@@ -381,8 +429,10 @@ def make_trainer(args):
     trainer.extend(stop_on_divergence(model, args.out, len(train.classes),
                                       ', or gradient clipping (--grad-clip 5)'))
     settings = {k: v for k, v in vars(args).items() if k not in FREE_ON_RESUME}
-    extraction = extraction_of(train.record)  # other features at the same path: another extraction
-    settings[INPUT_PREFIX + 'the features of extraction'] = extraction.get('tag') if extraction else None
+    # other features at the same path: another extraction (two-stream: the tags of both)
+    tags = [(extraction_of(r) or {}).get('tag') for r in (train.record.values() if args.stream == 'two-stream'
+                                                          else [train.record])]
+    settings[INPUT_PREFIX + 'the features of extraction'] = tags if len(tags) > 1 else tags[0]
     settings[INPUT_PREFIX + 'the feature size'] = train.dim
     trainer.extend(RunRecord(settings, dict(order=order_stream, numpy=np.random, sequences=dataset.rng,
                                             lengths=updater.rng)))
@@ -537,7 +587,7 @@ def main(argv=None):
         with atomic_path(args.model_out) as tmp, open(tmp, 'wb') as f:
             np.savez(f, provenance=np.array(record), **weights.target)
         Results(test.names, test.labels, scores[args.inference[0]], test.classes, split=test.split, model='lstm',
-                inference=args.inference[0], provenance=record).save(args.results)
+                stream=args.stream, inference=args.inference[0], provenance=record).save(args.results)
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}
     for t in args.inference:
         print(f'final test [{t}] {format_accuracy(final[t])}')

@@ -16,6 +16,7 @@ file holds is expected and not reported.
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -34,11 +35,13 @@ from helperFunctions import check_clips_on_disk, read_class_index, read_split
 from ucf.errors import DataError, warn
 from ucf.extraction import ExtractionStore, FailureLog
 from ucf.files import atomic_path
+from ucf.flow import FLOW_PREPROCESSING, FlowSettings, clip_stacks, stacked
 from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_output_folder_flags,
                        nonnegative_int, output_folders, positive_int, use_device)
 from ucf.preprocessing import PREPROCESSING, preprocess_frame
 from ucf.provenance import make_provenance
 from ucf.runcontrol import Progress, check_memory, exit_on_user_error
+from ucf.streams import NETWORK_STREAMS, StreamPath, add_stream_flag, apply_stream
 from ucf.video import VideoError, header_frame_count, iter_frames, video_info
 
 
@@ -60,7 +63,8 @@ def shard_ranges(weights, num_shards):
 
 def extraction_record(args, model):
     """What makes this extraction's outputs what they are; its tag (a digest of the model's weights, the split,
-    the input size and the preprocessing) names it in the manifest. Refuses a model fine-tuned on another split."""
+    the input size and the preprocessing, and for the flow stream its input's settings) names it in the manifest.
+    Refuses a model fine-tuned on another split."""
     import hashlib
     source = model.provenance
     trained_on = source.get('split')
@@ -74,17 +78,39 @@ def extraction_record(args, model):
     if trained_on is None:
         warn(f'{args.model} records no split: cannot check that it never saw the test clips of split {args.split}')
     identity = [source['digest'], args.split, model.insize, PREPROCESSING]
+    stream = {}
+    if model.stream == 'flow':  # the input is the model's own: the settings it was fine-tuned with
+        stream = dict(stream='flow', flow=model.flow, flow_preprocessing=FLOW_PREPROCESSING)
+        identity += ['flow', model.flow, FLOW_PREPROCESSING]
     record = make_provenance('saveFeatures_1024.py', split=args.split, insize=model.insize,
                              preprocessing=PREPROCESSING, options=dict(conv=args.conv, batchsize=args.batchsize),
                              model=dict(path=source['path'], digest=source['digest'], split=trained_on,
-                                        source=source.get('source'), step=source.get('step')))
+                                        source=source.get('source'), step=source.get('step')), **stream)
     record['tag'] = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     return record
 
 
-def produce(jobs, data_root, insize, batchsize, out, stop):
-    """Decoder thread: for each clip, ('batch', clip, frames) messages, then ('end' or 'fail', clip, frames read,
-    frames claimed, reason). Runs ahead of the network by the queue's size."""
+def rgb_inputs(path, insize, flow):
+    """The RGB stream's input of every frame of a clip, in order: a function that writes it into a batch."""
+    for frame in iter_frames(path):
+        yield functools.partial(preprocess_frame, frame, insize)
+
+
+def flow_inputs(path, insize, flow):
+    """The flow stream's input of every frame of a clip, in order (its stack of fields, ucf/flow.py)."""
+    for _, planes in clip_stacks(iter_frames(path), flow, insize):
+        yield functools.partial(stacked, planes)
+
+
+# What each stream's network reads of a clip's frames.
+STREAM_INPUTS = {'rgb': rgb_inputs, 'flow': flow_inputs}
+
+
+def produce(jobs, data_root, inputs, batch_shape, out, stop):
+    """Decoder thread: for each clip, ('batch', clip, inputs) messages of its frames' inputs (`inputs`: a function
+    of STREAM_INPUTS, given the clip's path), then ('end' or 'fail', clip, frames read, frames claimed, reason).
+    Runs ahead of the network by the queue's size."""
+    batchsize = batch_shape[0]
     for clip in jobs:
         if stop.is_set():
             return
@@ -93,10 +119,10 @@ def produce(jobs, data_root, insize, batchsize, out, stop):
         try:
             info = video_info(path)
             claimed, batch, filled = info.frames, None, 0
-            for frame in iter_frames(path):
+            for write in inputs(path):
                 if batch is None:  # each batch a new array: the network may still hold the previous one
-                    batch = np.empty((batchsize, 3, insize, insize), np.float32)
-                preprocess_frame(frame, insize, out=batch[filled])
+                    batch = np.empty(batch_shape, np.float32)
+                write(out=batch[filled])
                 read += 1
                 filled += 1
                 if filled == batchsize:
@@ -127,11 +153,13 @@ def extract_shard(args, held):
     clips = split_clips(args.data, args.lists, args.split, args.subsets, args.skip_missing)
     weights = [header_frame_count(os.path.join(args.data, c.path)) for c in clips]
     start, end = shard_ranges(weights, args.num_shards)[args.shard]
-    model = VGGNet_1024.load_model(args.model, conv=args.conv)
+    model = VGGNet_1024.load_model(args.model, conv=args.conv, stream=args.stream)
+    batch_shape = (args.batchsize, model.in_channels, model.insize, model.insize)
     check_memory(VGGNet.memory_needed(model.insize, model.widths, model.fc6.W.shape[0], model.fc8.W.shape[0],
-                                      model.fc7.W.shape[0], args.batchsize, training=False)
-                 | {f'{args.prefetch} batches waiting (--prefetch)': 4 * 3 * model.insize ** 2 * args.batchsize
-                    * args.prefetch}, args.device, 'lower --batchsize (or --prefetch)')
+                                      model.fc7.W.shape[0], args.batchsize, training=False,
+                                      in_channels=model.in_channels)
+                 | {f'{args.prefetch} batches waiting (--prefetch)': 4 * int(np.prod(batch_shape)) * args.prefetch},
+                 args.device, 'lower --batchsize (or --prefetch)')
     if model.fc8.W.shape[0] != len(classes):
         raise DataError(f'{args.model} predicts {model.fc8.W.shape[0]} classes but {args.lists}/classInd.txt '
                         f'lists {len(classes)}; was it trained on these lists?')
@@ -153,8 +181,10 @@ def extract_shard(args, held):
     frames_of = dict(zip(clips, weights))
     frames_todo = sum(frames_of[c] for c in todo)
     workers = args.decoders
-    threads = [threading.Thread(target=produce, args=(todo[w::workers], args.data, model.insize, args.batchsize,
-                                                      messages, stop), daemon=True) for w in range(workers)]
+    flow = FlowSettings(**model.flow) if model.flow else None
+    inputs = functools.partial(STREAM_INPUTS[model.stream], insize=model.insize, flow=flow)
+    threads = [threading.Thread(target=produce, args=(todo[w::workers], args.data, inputs, batch_shape, messages,
+                                                      stop), daemon=True) for w in range(workers)]
     for t in threads:
         t.start()
     progress = Progress(max(frames_todo, 1), 'frames', f'shard {args.shard}: ')
@@ -222,11 +252,12 @@ def clips_to_do(store, clips, tag, model_path):
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_stream_flag(p, NETWORK_STREAMS)
     add_data_flags(p)
     p.add_argument('--subsets', nargs='+', default=['train', 'test'], choices=('train', 'test'))
-    p.add_argument('--model', default='VGG_1024.model', help='fine-tuned weights from frameBasedTrain.py')
+    p.add_argument('--model', default=StreamPath('VGG_1024.model'), help='fine-tuned weights from frameBasedTrain.py')
     add_output_folder_flags(p)
-    p.add_argument('--log-dir', default='extraction_logs', help='failures and summary files of each shard')
+    p.add_argument('--log-dir', default=StreamPath('extraction_logs'), help='failures and summary files of each shard')
     p.add_argument('--shard', type=nonnegative_int, default=0, help='which shard this job does, 0 .. num-shards-1')
     p.add_argument('--num-shards', type=positive_int, default=12)
     add_device_flag(p)
@@ -244,7 +275,7 @@ def make_parser():
 
 def parse_args(argv=None):
     p = make_parser()
-    args = p.parse_args(argv)
+    args = apply_stream(p.parse_args(argv))
     if not 0 <= args.shard < args.num_shards:
         p.error(f'--shard must be in 0..{args.num_shards - 1}')
     return args

@@ -26,6 +26,7 @@ from ucf.files import check_outputs, ensure_space
 from ucf.flags import HelpFormatter, add_data_flags, add_output_folder_flags, output_folders
 from ucf.packed_hdf5 import write_packed
 from ucf.provenance import make_provenance, provenance_text
+from ucf.streams import NETWORK_STREAMS, StreamPath, add_stream_flag, apply_stream, stream_path
 from ucf.runcontrol import exit_on_user_error
 
 # The packed files: which subset's clips, which output of the extraction, under which name.
@@ -76,12 +77,13 @@ def packed_items(store, clips, output):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_stream_flag(p, NETWORK_STREAMS)
     add_data_flags(p, data=False)
     add_output_folder_flags(p)
-    p.add_argument('--log-dir', default='extraction_logs', help="saveFeatures_1024.py's failures files")
+    p.add_argument('--log-dir', default=StreamPath('extraction_logs'), help="saveFeatures_1024.py's failures files")
     p.add_argument('--out-dir', default='.', help='where the three .hdf5 files go')
     p.add_argument('--skip-missing', action='store_true', help='pack the clips that have files, warn of the rest')
-    args = p.parse_args(argv)
+    args = apply_stream(p.parse_args(argv))
     with exit_on_user_error():
         check_outputs(folders={'--out-dir': args.out_dir})
         classes = read_class_index(args.lists)
@@ -91,9 +93,13 @@ def main(argv=None):
                                 f'{subset}list{args.split:02d}.txt'), subset, output, name)
                 for subset, output, name in PACKED]  # check all before writing anything
         extraction = store.one_extraction([(clips, output) for clips, _, output, _ in plan], args.split)
+        stream = extraction.get('stream', 'rgb')
+        if stream != args.stream:
+            raise DataError(f'the files in {args.features_dir}/ come from the {stream} stream\'s extraction, not the '
+                            f'{args.stream} stream\'s: pack them with --stream {stream}')
         record = provenance_text(make_provenance('save_hdf5.py', extraction=extraction))
         for clips, subset, output, name in plan:
-            path = os.path.join(args.out_dir, name)
+            path = os.path.join(args.out_dir, stream_path(name, args.stream))
             ensure_space(path, sum(os.path.getsize(store.path(c.path, output)) for c in clips))
             n_clips, n_frames = write_packed(path, packed_items(store, clips, output), len(clips), classes,
                                              split=args.split, subset=subset, kind=output, provenance=record)

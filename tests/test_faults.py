@@ -1205,7 +1205,7 @@ def test_loader_failure_mid_run_ends_the_run(tiny_ucf, small_vgg, tmp_path):
         '--data', str(tmp_path / 'set' / 'UCF-101'), '--lists', str(tmp_path / 'set' / 'ucfTrainTestlist'),
         '--vgg', small_vgg, '--out', str(tmp_path / 'out'), '--model-out', str(tmp_path / 'm.model'),
         '--loaderjob', '1', '--epoch', '2', '--batchsize', '8'])
-    trainer, _, _ = frameBasedTrain.make_trainer(args)
+    trainer, _, _, _ = frameBasedTrain.make_trainer(args)
     for clip in (tmp_path / 'set' / 'UCF-101' / 'Archery').iterdir():
         clip.unlink()
     start = time.time()

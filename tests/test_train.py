@@ -65,7 +65,7 @@ def test_resume_after_interruption(tiny_ucf, small_vgg, tmp_path):
     snapshots = sorted(p for p in os.listdir(tmp_path) if p.startswith('snapshot'))
     assert snapshots == ['snapshot_iter_10', 'snapshot_iter_5']
     first = VGGNet_1024.load_model(str(tmp_path / 'VGG_1024.model'))
-    trainer, model, _ = frameBasedTrain.make_trainer(
+    trainer, model, _, _ = frameBasedTrain.make_trainer(
         frameBasedTrain.parse_args(train_args(tiny_ucf, small_vgg, tmp_path, '--epoch', '3', '--resume', 'auto')))
     assert trainer.updater.iteration == 10 and trainer.updater.epoch == 2
     assert np.array_equal(model.fc7.W.array, first.fc7.W.array)

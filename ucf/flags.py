@@ -56,8 +56,9 @@ OUTPUT_FOLDERS = {'features': ('--features-dir', 'UCF-101_features'),
 
 
 def add_output_folder_flags(group):
+    from ucf.streams import StreamPath
     for output, (flag, default) in OUTPUT_FOLDERS.items():
-        group.add_argument(flag, default=default, help=f'folder of the per-clip {output} (.npy)')
+        group.add_argument(flag, default=StreamPath(default), help=f'folder of the per-clip {output} (.npy)')
 
 
 def output_folders(args):

@@ -68,6 +68,25 @@ FLOW_PREPROCESSING = ('grey (cv2.cvtColor of the decoded RGB) -> cv2.resize INTE
 _ALGORITHMS = threading.local()
 
 
+def add_flow_flags(group):
+    """The flags that make a flow model's input (fine-tuning sets them; its model records them; extraction reads
+    them from the model)."""
+    from ucf.flags import positive_float, positive_int
+    group.add_argument('--flow-algorithm', default=DEFAULT_FLOW.algorithm, choices=list(FLOW_ALGORITHMS),
+                       help='; '.join(f'{k}: {a.help}' for k, a in FLOW_ALGORITHMS.items())
+                       + ' (docs/BENCHMARKS.md: speed and endpoint error of each)')
+    group.add_argument('--flow-stack', type=positive_int, default=DEFAULT_FLOW.stack,
+                       help='L, the flow fields stacked into one input (2L channels)')
+    group.add_argument('--flow-bound', type=positive_float, default=DEFAULT_FLOW.bound,
+                       help='flow is clipped to +- this many pixels of the input size, which span the input range')
+    group.add_argument('--no-mean-subtraction', action='store_true',
+                       help="keep each field's mean vector (by default it is subtracted: the camera's motion)")
+
+
+def flow_settings(args):
+    return FlowSettings(args.flow_algorithm, args.flow_stack, args.flow_bound, not args.no_mean_subtraction)
+
+
 def flow_field(first, second, algorithm):
     """The flow field (H x W x 2 float32, x then y) from grey frame `first` to `second`, by this thread's
     instance of the algorithm."""
@@ -147,7 +166,7 @@ def clip_stacks(frames, settings, size):
                 pending.popleft()
                 first_field += 1
         previous, n_frames = current, n_frames + 1
-    if n_frames < 2:
+    if n_frames == 1:  # none: the caller says nothing decoded
         raise FlowError('the clip', 'one frame: no motion to compute flow from')
     for t in range(t, n_frames):
         yield t, [pending[i - first_field] for i in stack_fields(t, n_fields, stack)]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ucf.errors import DataError
 from ucf.files import atomic_path, run_isolated
-from ucf.provenance import feature_size_mismatch, parse_provenance, same_extraction
+from ucf.provenance import extraction_of, feature_size_mismatch, parse_provenance, same_extraction
 from ucf.runcontrol import Progress
 
 # What each kind of packed file holds, its usual names and the step that writes it (refusals say what to pass).
@@ -28,13 +28,14 @@ KINDS = {'features': ('fc7 features', 'train1024.hdf5 or test1024.hdf5', 'save_h
 
 class PackedFile:
     """A packed file opened for reading, checked to be what the caller expects: its `kind` (one of KINDS, or a
-    tuple of those it accepts), `subset` and `split`. Holds the clip names, labels and class names, the width
-    (`dim`), the clips its writer left out and its provenance `record`; `read(i)` gives clip i's frames x dims
-    array, `items()` every clip in order. With `finite`, a clip holding NaN or inf is refused where it is read.
-    The handle is opened per process (an h5py handle must not cross a fork), so loader processes may read too.
+    tuple of those it accepts), `subset`, `split` and `stream` (whose extraction it descends from). Holds the clip
+    names, labels and class names, the width (`dim`), the clips its writer left out and its provenance `record`;
+    `read(i)` gives clip i's frames x dims array, `items()` every clip in order. With `finite`, a clip holding NaN
+    or inf is refused where it is read. The handle is opened per process (an h5py handle must not cross a fork),
+    so loader processes may read too.
     """
 
-    def __init__(self, path, kind=None, subset=None, split=None, finite=False, in_memory=False):
+    def __init__(self, path, kind=None, subset=None, split=None, finite=False, in_memory=False, stream=None):
         header = read_hdf5_header(path, expect_split=split, expect_subset=subset)
         self.path, self.kind, self.finite = path, header.get('kind'), finite
         accepted = (kind,) if isinstance(kind, str) else kind
@@ -46,6 +47,10 @@ class PackedFile:
         self.classes, self.dim = header['classes'], int(header['dim'])
         self.split, self.subset, self.left_out = int(header['split']), header['subset'], header['left_out']
         self.record = dict(parse_provenance(header.get('provenance')), path=os.path.abspath(path))
+        self.stream = (extraction_of(self.record) or {}).get('stream', 'rgb')
+        if stream is not None and self.stream != stream:
+            raise DataError(f'{path} holds the {self.stream} stream\'s {KINDS.get(self.kind, ("data",))[0]}, not the '
+                            f'{stream} stream\'s: pass --stream {self.stream}, or the {stream} stream\'s file')
         self._file, self._pid, self._cache = None, None, None
         if in_memory:
             self._cache = [self.read(i) for i in range(len(self))]
@@ -87,6 +92,28 @@ class PackedFile:
                             'other names): pack both from one classInd.txt (save_hdf5.py writes them together)')
         if self.dim != other.dim:
             raise DataError(feature_size_mismatch(self.path, self.dim, other.path, other.dim))
+
+    def check_aligned(self, other, only_common=False):
+        """DataError unless `other` (another stream's file) holds the same split's same clips, classes and frame
+        counts, so that its frame t goes with this file's frame t; `only_common`: the clips both hold (those one
+        stream left out, normalizeData's NaN, are not refused)."""
+        advice = 'extract, pack and normalise both streams from one split list (saveFeatures.sh, save_hdf5.py)'
+        if (self.split, self.subset) != (other.split, other.subset):
+            raise DataError(f'{self.path} holds the {self.subset} clips of split {self.split} but {other.path} the '
+                            f'{other.subset} clips of split {other.split}: {advice}')
+        if self.classes != other.classes:
+            raise DataError(f'{self.path} and {other.path} name other classes: {advice}')
+        only = sorted(set(self.names) ^ set(other.names))
+        excused = set(self.left_out) | set(other.left_out) if only_common else set()
+        if set(only) - excused or not only_common and self.names != other.names:
+            raise DataError(f'{self.path} holds {len(self)} clips and {other.path} {len(other)}, not the same ones '
+                            f'({len(only)} in one only, e.g. {only[0] if only else "in another order"}): {advice}')
+        theirs = dict(zip(other.names, other.lengths()))
+        differ = [(n, k, theirs[n]) for n, k in zip(self.names, self.lengths()) if n in theirs and theirs[n] != k]
+        if differ:
+            name, mine, their = differ[0]
+            raise DataError(f'{len(differ)} clips have other frame counts in {self.path} than in {other.path} (e.g. '
+                            f'{name}: {mine} and {their}): their frames cannot be paired; {advice}')
 
 
 def write_packed(out_path, items, total, classes, **attrs):

@@ -103,6 +103,8 @@ def describe_extraction(record):
         return 'no recorded extraction (written before provenance was recorded)'
     model = record.get('model', {})
     trained_on = model.get('split')
-    return (f'extraction {record.get("tag")} (model {model.get("path", "?")} digest {model.get("digest", "?")}, '
-            f'fine-tuned on {"an unrecorded split" if trained_on is None else f"split {trained_on}"}; features of '
+    stream = f' of the {record["stream"]} stream' if record.get('stream') else ''
+    return (f'extraction {record.get("tag")}{stream} (model {model.get("path", "?")} digest '
+            f'{model.get("digest", "?")}, fine-tuned on '
+            f'{"an unrecorded split" if trained_on is None else f"split {trained_on}"}; features of '
             f'split {record.get("split")})')

@@ -13,6 +13,7 @@ from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 from ucf.errors import DataError, warn
 from ucf.files import atomic_path
 from ucf.provenance import parse_provenance, same_extraction
+from ucf.streams import STREAMS
 
 TOPK = (1, 5, 10)  # the handout's accuracies
 
@@ -60,6 +61,22 @@ class Results:
         return self.info.get('split')
 
     @property
+    def stream(self):
+        return self.info.get('stream', 'rgb')
+
+    @property
+    def label(self):
+        """What made these results, in words: 'single frame', 'LSTM (flow)', 'two-stream single frame', ..."""
+        model = {'lstm': 'LSTM'}.get(self.model, self.model or 'model')
+        return (f'two-stream {model}' if self.stream == 'two-stream' else
+                model + (f' ({self.stream})' if self.stream != 'rgb' else ''))
+
+    @property
+    def prefix(self):
+        """The report's file names for these results: singleFrame, lstm_flow, singleFrame_twostream, ..."""
+        return {'single frame': 'singleFrame'}.get(self.model, self.model or 'model') + STREAMS[self.stream].suffix
+
+    @property
     def provenance(self):
         """The record of what made these results ({'source': 'unknown'} for a file from before records)."""
         return parse_provenance(self.info.get('provenance'))
@@ -104,11 +121,27 @@ class Results:
                 if k not in KEYS}
         results = cls(stored['clips'], stored['labels'], stored['scores'], stored['classes'], **info)
         held = None if results.model is None else str(results.model)
+        if model and held is None:  # a file from before results named their model: the flag that took it does
+            results.info['model'] = model
         if model and held and held != model:
             flag, writer = WRITERS[model]
             raise DataError(f'{path} holds the results of the {held} model, not of the {model} model: {flag} takes '
                             f'the file that {writer} writes (were --single and --lstm swapped?)')
         return results
+
+
+def comparable(first, second, first_path, second_path):
+    """DataError unless two results (of any models and streams) can be compared clip by clip: one split, one
+    class list, and test clips of which one file's are the other's (normalizeData.py may leave a few out)."""
+    if first.split is not None and second.split is not None and first.split != second.split:
+        raise DataError(f'{first_path} holds results on the test clips of split {first.split} but {second_path} of '
+                        f'split {second.split}: compare results of one split')
+    if first.classes != second.classes:
+        raise DataError(f'{first_path} and {second_path} score other classes: compare results of one class list')
+    mine, theirs = set(first.clips), set(second.clips)
+    if not (mine <= theirs or theirs <= mine):
+        raise DataError(f'{first_path} and {second_path} were scored on other test clips ({len(mine - theirs)} only '
+                        f'in the first, {len(theirs - mine)} only in the second): compare results of one test list')
 
 
 def same_features(first, second, first_path, second_path):
