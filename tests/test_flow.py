@@ -70,10 +70,13 @@ def test_stacks_equal_opencv_on_independently_decoded_frames(motion_clips, name)
     for t, planes in streamed:
         assert np.array_equal(flow.stacked(planes), want[t]), (name, t)
     # fine-tuning's: a stack at any place, from the frames read there by random access
-    data = RandomFrameDataset(str(folder), [Clip(os.path.relpath(path, folder), 0)], SIZE, flow=SETTINGS)
-    data.info[0] = video.video_info(path)
-    for t in range(len(want)):
-        assert np.array_equal(data.flow_stack(0, path, t, len(want)), want[t]), (name, t)
+    for cache_mb in (0, 1):  # by random access, and from the cache of every field of the clip
+        data = RandomFrameDataset(str(folder), [Clip(os.path.relpath(path, folder), 0)], SIZE, flow=SETTINGS,
+                                  cache_mb=cache_mb)
+        data.info[0] = video.video_info(path)
+        cached = data.decoded(0, path) if cache_mb else None
+        for t in range(len(want)):
+            assert np.array_equal(data.flow_stack(0, path, t, len(want), cached), want[t]), (name, t, cache_mb)
 
 
 def test_the_end_rule():

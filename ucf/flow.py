@@ -138,6 +138,16 @@ def stack_from_frames(frames, first, t, n_frames, settings, size, out=None):
     return stacked([fields[i] for i in wanted], out)
 
 
+def clip_fields(frames, settings, size):
+    """The network's planes of every field of a clip (fields x 2 x size x size float32), from all its RGB frames
+    (fine-tuning's cache: each field computed once)."""
+    greys = [grey(_rgb_of(f), size) for f in frames]
+    out = np.empty((max(len(greys) - 1, 0), 2, size, size), np.float32)
+    for i, (a, b) in enumerate(zip(greys, greys[1:])):
+        out[i] = network_input(flow_field(a, b, settings.algorithm), settings)
+    return out
+
+
 def stacked(planes, out=None):
     """L fields' planes (each 2 x H x W) as one stack, x and y interleaved (into `out` if given)."""
     if out is None:

@@ -12,7 +12,7 @@ import chainer
 import numpy as np
 
 from ucf.errors import DataError, warn
-from ucf.flow import FlowError, frames_for_stack, stack_from_frames
+from ucf.flow import FlowError, clip_fields, frames_for_stack, stack_fields, stack_from_frames, stacked
 from ucf.preprocessing import NO_AUGMENTATION, preprocess_frame
 from ucf.runcontrol import Progress
 from ucf.video import VideoError, read_frame, read_frames, read_frames_from, video_info
@@ -57,12 +57,14 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         return self._rng
 
     def decoded(self, i, path):
-        """All frames of clip i (frames x H x W x 3 RGB), from the in-memory cache (least recently used clips leave
-        first)."""
+        """What the examples of clip i are made of, from the in-memory cache (least recently used clips leave first):
+        its frames (frames x H x W x 3 RGB), or for the flow stream the network's planes of all of its fields
+        (ucf.flow.clip_fields: each field is computed once, whatever the epochs)."""
         if i in self.cache:
             self.cache.move_to_end(i)
         else:
-            self.cache[i] = read_frames(path)
+            frames = read_frames(path)
+            self.cache[i] = clip_fields(frames, self.flow, self.insize) if self.flow else frames
             self.cache_used += self.cache[i].nbytes
             while self.cache_used > self.cache_bytes and len(self.cache) > 1:
                 self.cache_used -= self.cache.popitem(last=False)[1].nbytes
@@ -72,7 +74,7 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         path = os.path.join(self.data_root, self.clips[i].path)
         if self.cache_bytes:
             frames = self.decoded(i, path)
-            count = len(frames)
+            count = len(frames) + 1 if self.flow else len(frames)  # a clip's fields are one fewer than its frames
         else:
             if i not in self.info:
                 self.info[i] = video_info(path)
@@ -93,15 +95,14 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
         if n_frames < 2:
             raise FlowError(path, 'one frame: no motion to compute flow from')
         first, count = frames_for_stack(index, n_frames, self.flow.stack)
-        if cached is not None:
-            frames = cached[first:first + count]
+        if cached is not None:  # every field of the clip
+            x = stacked(cached[stack_fields(index, n_frames - 1, self.flow.stack)])
         else:
             read = read_frames_from(path, first, count, self.info[i])
             if read[0].index != first or len(read) < count:  # fewer decode than the packets promise
                 decodable = read[-1].index + 1
                 return self.flow_stack(i, path, min(index, decodable - 1), decodable)
-            frames = [f.rgb for f in read]
-        x = stack_from_frames(frames, first, index, n_frames, self.flow, self.insize)
+            x = stack_from_frames([f.rgb for f in read], first, index, n_frames, self.flow, self.insize)
         if self.train and self.augment and self.augment(self.rng, self.insize, self.insize).flip:
             x = x[:, :, ::-1].copy()
             x[0::2] *= -1  # the x components point the other way
