@@ -17,7 +17,8 @@ from ucf.preprocessing import Augmentation
 
 CLIP_NAME = re.compile(r'^v_(?P<cls>.+)_g(?P<group>\d+)_c(?P<clip>\d+)(?P<ext>\.[^./]+)$', re.IGNORECASE)
 # Containers a UCF-layout collection may hold (UCF-101 itself is all .avi; re-encoded and downloaded sets are not).
-VIDEO_EXTENSIONS = ('.avi', '.mp4', '.m4v', '.mkv', '.webm', '.mov', '.mpg', '.mpeg', '.wmv', '.flv', '.ogv')
+VIDEO_EXTENSIONS = ('.avi', '.mp4', '.m4v', '.mkv', '.webm', '.mov', '.mpg', '.mpeg', '.ts', '.wmv', '.flv',
+                    '.ogv')
 
 Clip = collections.namedtuple('Clip', 'path label')  # path relative to the data root, 0-based label
 

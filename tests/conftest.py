@@ -7,6 +7,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import synthetic_ucf101  # noqa: E402
+from ucf.flow import FlowSettings  # noqa: E402
+
+FLOW = FlowSettings('dis-ultrafast', 3, 4.0, True)  # the tests' flow stream: stacks of 3 fields
 
 # The real UCF-101 split files live in ../shared beside the checkout (CI puts them there); UCF_LISTS overrides.
 REAL_LISTS = os.environ.get('UCF_LISTS', os.path.join(ROOT, '..', 'shared', 'ucfTrainTestlist'))
@@ -53,6 +56,19 @@ def tiny_model(tmp_path_factory, small_vgg, tiny_ucf):
     path = str(tmp_path_factory.mktemp('model') / 'VGG_1024.model')
     vgg, _ = VGGNet.load_vgg(small_vgg)
     VGGNet.save_model(VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=0), path, {'source': 'test'})
+    return path
+
+
+@pytest.fixture(scope='session')
+def flow_model(tmp_path_factory, small_vgg):
+    """A VGG_1024_flow.model for the tiny set: 2L = 6 input channels, cross-modality initialised, not trained."""
+    import VGGNet
+    import VGGNet_1024
+    path = str(tmp_path_factory.mktemp('flow_model') / 'VGG_1024_flow.model')
+    vgg, _ = VGGNet.load_vgg(small_vgg)
+    model = VGGNet_1024.from_vgg(vgg, n_classes=4, feature_size=16, seed=0, in_channels=2 * FLOW.stack)
+    VGGNet.save_model(model, path, {'source': 'test', 'step': 'frameBasedTrain.py', 'split': 1, 'stream': 'flow',
+                                    'flow': FLOW._asdict()})
     return path
 
 

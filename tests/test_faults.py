@@ -775,6 +775,136 @@ def test_generator_refuses_the_flags_it_sets(extra, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The flow stream
+# ----------------------------------------------------------------------------------------------------------
+
+def test_models_of_the_other_stream_are_refused(tiny_ucf, tiny_model, flow_model, small_vgg, tmp_path):
+    """An RGB model where a flow model is expected and the reverse; RGB-only augmentations for a flow model."""
+    cases = [('a flow model without --stream flow', [], flow_model, 'is a model of the flow stream'),
+             ('an RGB model with --stream flow', ['--stream', 'flow'], tiny_model, 'is a model of the rgb stream')]
+    for fault, extra, model, expected in cases:
+        result = run('saveFeatures_1024.py', *extraction_args(tiny_ucf, model, str(tmp_path), *extra))
+        line = error_line(result)
+        assert result.returncode == 1 and expected in line and '--stream' in line, result.stderr[-600:]
+        assert not (tmp_path / 'UCF-101_features').exists()
+        record('flow', fault, 'saveFeatures_1024.py', f'exit 1: {line[:170]}...')
+    root, _ = tiny_ucf
+    result = run('frameBasedTrain.py', '--stream', 'flow', '--crop', '--rotate', '--data', os.path.join(root, 'UCF-101'),
+                 '--lists', os.path.join(root, 'ucfTrainTestlist'), '--vgg', small_vgg, '--out', str(tmp_path / 'o'))
+    assert result.returncode == 2 and '--crop, --rotate: augmentations of RGB frames' in result.stderr
+    record('flow', 'frameBasedTrain.py --stream flow --crop --rotate', 'frameBasedTrain.py',
+           f'exit 2: {result.stderr.strip().splitlines()[-1][:150]}')
+
+
+def test_clips_too_short_for_flow(tiny_ucf, flow_model, tmp_path):
+    """A clip of one frame has no flow: the flow stream's extraction skips it and lists it, as the RGB stream does
+    an unreadable clip; the clip next to it is extracted."""
+    root, written = tiny_ucf
+    data = tmp_path / 'UCF-101'
+    shutil.copytree(os.path.join(root, 'UCF-101'), data)
+    victim = sorted(written)[3]
+    frames = synthetic_ucf101.render_clip('Archery', 0, 0, 2, 1, 64, 48, np.random.RandomState(0))
+    synthetic_ucf101.write_avi(str(data / victim), frames, 25.0, codec='mpeg4')
+    args = extraction_args(tiny_ucf, flow_model, str(tmp_path), '--stream', 'flow', '--num-shards', '1')
+    args[args.index('--data') + 1] = str(data)
+    result = run('saveFeatures_1024.py', *args)
+    assert result.returncode == 0, result.stderr[-800:]
+    with open(tmp_path / 'extraction_logs' / 'failures_shard_00_of_01.tsv', newline='') as f:
+        rows = {r['clip']: r for r in csv.DictReader(f, delimiter='\t')}
+    assert rows[victim]['status'] == 'skipped' and 'one frame: no motion' in rows[victim]['reason']
+    assert len(whole_files(str(tmp_path / 'UCF-101_features'))) == len(written) - 1
+    record('flow', 'a clip of one frame in the flow stream', 'saveFeatures_1024.py --stream flow',
+           f'skipped and listed: "{rows[victim]["reason"]}"; {len(written) - 1} other clips extracted')
+
+
+def test_a_clip_whose_frame_size_changes(tmp_path):
+    """A stream that changes its frame size along the clip (an MPEG-TS of two encodings): both streams' inputs are
+    made of every frame (each frame is resized to the network's input), and reading the clip into one array
+    says why it cannot."""
+    from ucf import flow, video
+    from ucf.frame_dataset import RandomFrameDataset
+    from helperFunctions import Clip
+    ffmpeg = __import__('imageio_ffmpeg').get_ffmpeg_exe()
+    parts = []
+    for k, size in enumerate(('96x72', '128x96')):
+        parts.append(tmp_path / f'{k}.ts')
+        subprocess.run([ffmpeg, '-y', '-v', 'error', '-f', 'lavfi', '-i', f'testsrc2=size={size}:rate=25', '-frames:v',
+                        '12', '-c:v', 'libx264', '-bf', '0', '-output_ts_offset', str(0.48 * k), '-f', 'mpegts',
+                        str(parts[-1])], check=True)
+    (tmp_path / 'A').mkdir()
+    clip = tmp_path / 'A' / 'v_A_g01_c01.ts'
+    clip.write_bytes(b''.join(p.read_bytes() for p in parts))
+    with pytest.raises(video.VideoError, match='frame size changes at frame 12, from 96x72 to 128x96'):
+        video.read_frames(str(clip))
+    settings = flow.FlowSettings('dis-ultrafast', 4, 20.0, True)
+    stacks = list(flow.clip_stacks(video.iter_frames(str(clip)), settings, 32))
+    assert len(stacks) == 24 and all(np.isfinite(flow.stacked(p)).all() for _, p in stacks)
+    data = RandomFrameDataset(str(tmp_path), [Clip('A/v_A_g01_c01.ts', 0)], 32, cache_mb=10, flow=settings)
+    assert data.get_example(0)[0].shape == (8, 32, 32)
+    record('flow', 'a clip whose frame size changes along it (96x72, then 128x96)', 'extraction, fine-tuning',
+           'both streams read every frame (each is resized to the input); reading it into one array says why not')
+
+
+def test_fusing_results_of_different_splits_or_clips(tmp_path):
+    """Two-stream single frames and confusion.py --compare put together results of one split and one test list
+    only."""
+    first = results_file(tmp_path / 'a.npz', 'aaaa', 'single frame')
+    from ucf.results import Results
+    other = Results.load(first)
+    other.info['split'] = 2
+    other.save(str(tmp_path / 'split2.npz'))
+    elsewhere = Results(['A/v_A_g09_c01', 'B/v_B_g09_c01', 'C/v_C_g09_c01'], [0, 1, 2], np.eye(3), ['A', 'B', 'C'],
+                        split=1, model='lstm')
+    elsewhere.save(str(tmp_path / 'clips.npz'))
+    for fault, path, expected in (('another split', 'split2.npz', 'of split 2: compare results of one split'),
+                                  ('other test clips', 'clips.npz', 'were scored on other test clips')):
+        result = run('confusion.py', '--compare', first, str(tmp_path / path), '--out', str(tmp_path / 'report'))
+        line = error_line(result)
+        assert result.returncode == 1 and expected in line, result.stderr[-600:]
+        record('flow', f'confusion.py --compare of results of {fault}', 'confusion.py', f'exit 1: {line[:160]}...')
+
+
+def test_two_stream_predictions_of_another_split(reference_packed, tmp_path):
+    """The flow stream's predictions of another split (or of other clips) cannot be paired with the RGB stream's."""
+    from ucf.packed_hdf5 import PackedFile, write_packed
+    source = PackedFile(str(reference_packed / 'testPredictions1024.hdf5'))
+    record_text = json.dumps(dict(step='save_hdf5.py', extraction=dict(step='saveFeatures_1024.py', tag='f',
+                                                                         stream='flow')))
+    for fault, split, names in (('another split', 2, source.names), ('other clips', 1, source.names[1:])):
+        items = [(n, int(label), source.read(i)) for i, (n, label) in enumerate(zip(source.names, source.labels))
+                 if n in names]
+        write_packed(str(tmp_path / 'flow.hdf5'), items, len(items), source.classes, split=split, subset='test',
+                     kind='predictions', provenance=record_text)
+        result = run('singleFrameAccuracy.py', '--stream', 'two-stream', '--predictions', source.path,
+                     '--flow-predictions', str(tmp_path / 'flow.hdf5'), '--results', str(tmp_path / 'r.npz'),
+                     '--out', str(tmp_path))
+        line = error_line(result)
+        assert result.returncode == 1 and ('split 2' in line if split == 2 else 'not the same ones' in line), \
+            result.stderr[-600:]
+        assert not (tmp_path / 'r.npz').exists()
+        record('flow', f'two-stream single frames with flow predictions of {fault}', 'singleFrameAccuracy.py',
+               f'exit 1: {line[:170]}...')
+
+
+def test_mixing_streams_is_refused(reference_packed, tmp_path):
+    """Features of the flow stream where the RGB stream's are read (and the reverse), named where they are opened."""
+    from ucf.packed_hdf5 import PackedFile, write_packed
+    source = PackedFile(str(reference_packed / 'test1024.hdf5'))
+    flow_record = json.dumps(dict(step='save_hdf5.py', extraction=dict(step='saveFeatures_1024.py', tag='f',
+                                                                         stream='flow', split=1)))
+    items = [(n, int(label), source.read(i)) for i, (n, label) in enumerate(zip(source.names, source.labels))]
+    write_packed(str(tmp_path / 'test_flow.hdf5'), items, len(items), source.classes, split=1, subset='test',
+                 kind='features', provenance=flow_record)
+    result = run('normalizeData.py', '--train', str(reference_packed / 'train1024.hdf5'), '--test',
+                 str(tmp_path / 'test_flow.hdf5'), '--train-out', str(tmp_path / 'a.hdf5'), '--test-out',
+                 str(tmp_path / 'b.hdf5'), '--stats', str(tmp_path / 's.npz'))
+    line = error_line(result)
+    assert result.returncode == 1 and "holds the flow stream's fc7 features, not the rgb stream's" in line, line
+    record('flow', "the flow stream's test features beside the RGB stream's training features", 'normalizeData.py',
+           f'exit 1: {line[:170]}...')
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Numbers
 # ----------------------------------------------------------------------------------------------------------
 

@@ -15,7 +15,12 @@ from ucf.errors import DataError, warn
 from ucf.flow import FlowError, clip_fields, frames_for_stack, stack_fields, stack_from_frames, stacked
 from ucf.preprocessing import NO_AUGMENTATION, preprocess_frame
 from ucf.runcontrol import Progress
-from ucf.video import VideoError, read_frame, read_frames, read_frames_from, video_info
+from ucf.video import VideoError, read_frame, read_frames_from, read_rgb, video_info
+
+
+def cached_bytes(value):
+    """Memory a cached clip holds: a list of frames, or an array of fields."""
+    return sum(frame.nbytes for frame in value) if isinstance(value, list) else value.nbytes
 
 
 class RandomFrameDataset(chainer.dataset.DatasetMixin):
@@ -58,16 +63,16 @@ class RandomFrameDataset(chainer.dataset.DatasetMixin):
 
     def decoded(self, i, path):
         """What the examples of clip i are made of, from the in-memory cache (least recently used clips leave first):
-        its frames (frames x H x W x 3 RGB), or for the flow stream the network's planes of all of its fields
+        its frames (RGB arrays), or for the flow stream the network's planes of all of its fields
         (ucf.flow.clip_fields: each field is computed once, whatever the epochs)."""
         if i in self.cache:
             self.cache.move_to_end(i)
         else:
-            frames = read_frames(path)
+            frames = read_rgb(path)
             self.cache[i] = clip_fields(frames, self.flow, self.insize) if self.flow else frames
-            self.cache_used += self.cache[i].nbytes
+            self.cache_used += cached_bytes(self.cache[i])
             while self.cache_used > self.cache_bytes and len(self.cache) > 1:
-                self.cache_used -= self.cache.popitem(last=False)[1].nbytes
+                self.cache_used -= cached_bytes(self.cache.popitem(last=False)[1])
         return self.cache[i]
 
     def frame(self, i):

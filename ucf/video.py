@@ -276,11 +276,23 @@ def iter_frames(path):
             yield Frame(_rgb(frame), index)
 
 
-def read_frames(path):
-    """All decodable frames of a clip as an (N, H, W, 3) uint8 RGB array; VideoError if none decode."""
+def read_rgb(path):
+    """All decodable frames of a clip as a list of HxWx3 uint8 RGB arrays (a stream may change its frame size
+    along the clip); VideoError if none decode."""
     frames = [frame.rgb for frame in iter_frames(path)]
     if not frames:
         raise VideoError(path, 'no frame could be decoded')
+    return frames
+
+
+def read_frames(path):
+    """All decodable frames of a clip as an (N, H, W, 3) uint8 RGB array; VideoError if none decode, or if the
+    frame size changes along the clip (read_rgb takes such clips)."""
+    frames = read_rgb(path)
+    changed = next((k for k in range(1, len(frames)) if frames[k].shape != frames[0].shape), None)
+    if changed is not None:
+        raise VideoError(path, f'its frame size changes at frame {changed}, from {frames[0].shape[1]}x'
+                               f'{frames[0].shape[0]} to {frames[changed].shape[1]}x{frames[changed].shape[0]}')
     return np.stack(frames)
 
 
