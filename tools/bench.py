@@ -336,6 +336,109 @@ def decoding_figures(folder, rounds):
                 v2_v1_share_differing=float((differences > 0).mean()))
 
 
+def motion_clips(folder, count=6, frames=60, width=320, height=240):
+    """Synthetic motion clips (slides, zooms, spins) at UCF-101's size, encoded as XVID like the set, with the
+    motion the generator drew: [(path, true flow fields)]."""
+    import synthetic_ucf101
+    specs = [s for s in synthetic_ucf101.class_specs(8, 4) if s[2] and not s[0].startswith('Fade')]
+    made = []
+    for k in range(count):
+        name, family, direction = specs[k % len(specs)]
+        truth = []
+        rendered = synthetic_ucf101.render_clip(name, family, direction, 8, frames, width, height,
+                                                np.random.RandomState(k), truth)
+        path = os.path.join(folder, f'motion_{k}.avi')
+        if not os.path.exists(path):
+            synthetic_ucf101.write_avi(path, rendered, 25.0)
+        made.append((path, truth))
+    return made
+
+
+def endpoint_errors(field, truth):
+    """(mean endpoint error over all pixels, over the moving ones) of a flow field against the true one."""
+    error = np.sqrt(((field - truth) ** 2).sum(axis=2))
+    moving = np.abs(truth).sum(axis=2) > 0
+    return float(error.mean()), float(error[moving].mean()) if moving.any() else np.nan
+
+
+def flow_figures(folder, rounds):
+    """Each flow algorithm's time per field at 320x240 on one thread beside decoding's time per frame, and its
+    endpoint error against the synthetic set's true motion, at 320x240 and at the network's 224x224 (the geometry
+    the stream uses: the truth scaled); then the flow stream's frames/s on one core (decode + flow + its input)
+    beside the RGB stream's (decode + preprocessing)."""
+    import cv2
+    from ucf import flow, preprocessing, video
+    cv2.setNumThreads(1)
+    clips = motion_clips(folder)
+    decoded = [video.read_frames(path) for path, _ in clips]
+    greys = [[cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames] for frames in decoded]
+    figures = {'algorithms': {}}
+    for name in flow.FLOW_ALGORITHMS:
+        times, errors, errors_224 = [], [], []
+        for (path, truth), frames, g in zip(clips, decoded, greys):
+            small = [flow.grey(f, 224) for f in frames]
+            scale = np.array([224 / frames.shape[2], 224 / frames.shape[1]], np.float32)
+            for t in range(len(g) - 1):
+                start = time.perf_counter()
+                field = flow.flow_field(g[t], g[t + 1], name)
+                times.append(time.perf_counter() - start)
+                if truth[t] is not None:
+                    errors.append(endpoint_errors(field, truth[t]))
+                    true_224 = cv2.resize(truth[t] * scale, (224, 224), interpolation=cv2.INTER_NEAREST)
+                    errors_224.append(endpoint_errors(flow.flow_field(small[t], small[t + 1], name), true_224))
+        e, e224 = np.array(errors), np.array(errors_224)
+        figures['algorithms'][name] = dict(ms_per_field=1e3 * float(np.median(times)), epe=float(e[:, 0].mean()),
+                                           epe_moving=float(np.nanmean(e[:, 1])), epe_224=float(e224[:, 0].mean()),
+                                           epe_224_moving=float(np.nanmean(e224[:, 1])))
+    n_frames = sum(len(f) for f in decoded)
+    settings = flow.DEFAULT_FLOW
+    out = np.empty((2 * settings.stack, 224, 224), np.float32)
+    rgb_out = np.empty((3, 224, 224), np.float32)
+
+    def decode():
+        for path, _ in clips:
+            for _ in video.iter_frames(path):
+                pass
+
+    def rgb_stream():
+        for path, _ in clips:
+            for frame in video.iter_frames(path):
+                preprocessing.preprocess_frame(frame, 224, out=rgb_out)
+
+    def flow_stream():
+        for path, _ in clips:
+            for _, planes in flow.clip_stacks(video.iter_frames(path), settings, 224):
+                flow.stacked(planes, out)
+    times = {name: [] for name in ('decode', 'rgb', 'flow')}
+    for _ in range(rounds):
+        for name, run in (('decode', decode), ('rgb', rgb_stream), ('flow', flow_stream)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    figures.update(frames=n_frames, default=settings._asdict(),
+                   **{f'{name}_fps': n_frames / min(t) for name, t in times.items()})
+    return figures
+
+
+def flow_sampling_rate(folder, lists, samples):
+    """Fine-tuning's random samples per second in one process: the flow stream's stacks beside RGB frames, each
+    clip's packets probed first (as fine-tuning does before its loaders fork)."""
+    from helperFunctions import read_split
+    from ucf.flow import DEFAULT_FLOW
+    from ucf.frame_dataset import RandomFrameDataset
+    clips = read_split(lists, 1, 'train')
+    order = np.random.RandomState(0).randint(0, len(clips), samples)
+    rates = {}
+    for name, settings in (('rgb', None), ('flow', DEFAULT_FLOW)):
+        data = RandomFrameDataset(folder, clips, 224, flow=settings)
+        data.probe()
+        start = time.perf_counter()
+        for i in order:
+            data.get_example(i)
+        rates[name] = samples / (time.perf_counter() - start)
+    return rates
+
+
 def sampling_rate(folder, lists, samples):
     from helperFunctions import random_augmentation, read_split
     from ucf.frame_dataset import RandomFrameDataset
@@ -550,7 +653,7 @@ def main(argv=None):
     p.add_argument('--stacks', nargs='+', metavar='PYTHON', default=[],
                    help="interpreters of each stack's venv (e.g. .venv/bin/python .venv-other/bin/python): "
                         "fast_conv's speed under each, side by side (make bench passes both where it finds them)")
-    p.add_argument('--only', nargs='+', choices=('decoding', 'lstm', 'evaluation', 'packing', 'stacks'),
+    p.add_argument('--only', nargs='+', choices=('decoding', 'flow', 'lstm', 'evaluation', 'packing', 'stacks'),
                    help='measure these again and update the existing results (bench/results.json)')
     p.add_argument('--packing-only', action='store_true', help='the same as --only packing')
     args = p.parse_args(argv)
@@ -561,14 +664,14 @@ def main(argv=None):
     if only and os.path.exists(os.path.join(args.out, 'results.json')):
         with open(os.path.join(args.out, 'results.json')) as f:
             r = json.load(f)
-    elif only - {'stacks'}:
+    elif only - {'stacks', 'flow'}:
         raise SystemExit(f'--only needs the results of a whole run in {args.out}/results.json: run `make bench` first')
     else:
         os.makedirs(args.out, exist_ok=True)
         r = {}
     r['machine'] = dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
                         python=platform.python_version())
-    if not only or 'decoding' in only:  # the synthetic clips
+    if not only or only & {'decoding', 'flow'}:  # the synthetic clips
         import synthetic_ucf101
         if not os.path.isdir(os.path.join(work, 'UCF-101')):
             synthetic_ucf101.make_dataset(work, n_classes=8, frames=(60, 200), clips_per_group=(1, 1))
@@ -583,6 +686,11 @@ def main(argv=None):
     if not only or 'decoding' in only:
         print('decoding ...', file=sys.stderr, flush=True)
         r['decoding'] = decoding_figures(os.path.join(work, 'UCF-101'), rounds)
+    if not only or 'flow' in only:
+        print('optical flow ...', file=sys.stderr, flush=True)
+        r['flow'] = flow_figures(work, rounds)
+        r['flow']['samples_per_s'] = flow_sampling_rate(os.path.join(work, 'UCF-101'),
+                                                        os.path.join(work, 'ucfTrainTestlist'), 40 if args.quick else 120)
     if not only:
         r['sample_cold_per_s'], r['sample_warm_per_s'] = sampling_rate(
             os.path.join(work, 'UCF-101'), os.path.join(work, 'ucfTrainTestlist'), 60 if args.quick else 200)
@@ -613,11 +721,33 @@ def write_results(out, r):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(r, f, indent=1)
-    table = (report(r) + '\n' if 'sgemm_gflops' in r else '') + (stacks_report(r['stacks']) if r.get('stacks') else '')
+    table = ((report(r) + '\n' if 'sgemm_gflops' in r else '') + (stacks_report(r['stacks']) + '\n' if r.get('stacks') else '')
+             + (flow_report(r['flow']) if r.get('flow') else ''))
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write(table)
     print(table)
     return r
+
+
+def flow_report(f):
+    """The flow stream's table: each algorithm beside decoding, and the stream's frames/s beside RGB's."""
+    default = f['default']
+    lines = ['Optical flow (ucf/flow.py), one thread, synthetic motion clips at 320x240 (XVID), endpoint error (px) '
+             'against the motion the generator drew', '',
+             '| algorithm | ms a field at 320x240 | fields/s | EPE, all pixels | EPE, moving pixels | at 224x224: all | '
+             'moving |', '|---|---:|---:|---:|---:|---:|---:|']
+    for name, a in f['algorithms'].items():
+        mark = ' (default)' if name == default['algorithm'] else ''
+        lines.append(f'| {name}{mark} | {a["ms_per_field"]:.2f} | {1e3 / a["ms_per_field"]:.0f} | {a["epe"]:.2f} | '
+                     f'{a["epe_moving"]:.2f} | {a["epe_224"]:.2f} | {a["epe_224_moving"]:.2f} |')
+    samples = f.get('samples_per_s', {})
+    lines += ['', f'Decoding alone: {f["decode_fps"]:.0f} frames/s (one thread). The streams\' inputs at 224x224 on '
+              'one core, decoding included:', '',
+              '| stream | input | frames/s per core | fine-tuning samples/s, one process |', '|---|---|---:|---:|',
+              f'| rgb | preprocess_frame (3 x 224 x 224) | {f["rgb_fps"]:.0f} | {samples.get("rgb", 0):.1f} |',
+              f'| flow | {default["algorithm"]}, stacks of {default["stack"]} fields ({2 * default["stack"]} x 224 x '
+              f'224) | {f["flow_fps"]:.0f} | {samples.get("flow", 0):.1f} |']
+    return '\n'.join(lines) + '\n'
 
 
 def report(r):

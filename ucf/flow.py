@@ -105,9 +105,11 @@ def grey(rgb, size):
 
 def network_input(field, settings):
     """A flow field as two planes of the network's input (2 x H x W float32): mean subtracted, clipped, scaled."""
-    planes = np.moveaxis(field, 2, 0).astype(np.float32, copy=True)
-    if settings.subtract_mean:
-        planes -= planes.mean(axis=(1, 2), keepdims=True)
+    planes = np.empty((2,) + field.shape[:2], np.float32)
+    for c in range(2):  # the field's x and y, each read once (strided) into its own contiguous plane
+        planes[c] = field[..., c]
+        if settings.subtract_mean:
+            planes[c] -= planes[c].mean()
     np.clip(planes, -settings.bound, settings.bound, out=planes)
     planes *= 127.5 / settings.bound
     return planes
