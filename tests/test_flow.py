@@ -121,3 +121,15 @@ def test_cross_modality_initialisation(small_vgg):
     assert np.array_equal(model.conv1_1.b.array, vgg.conv1_1.b.array)
     assert np.array_equal(model.conv1_2.W.array, vgg.conv1_2.W.array)
     assert model.in_channels == 6 and model(np.zeros((2, 6, 32, 32), np.float32), np.zeros(2, np.int32)).shape == ()
+
+
+def test_stacks_at_the_full_input_size(tmp_path):
+    """The full path's shapes: a 320x240 XVID clip's stacks at 224x224, 2L channels, the default settings."""
+    frames = synthetic_ucf101.render_clip('SlideRight', 0, +1, 2, 14, 320, 240, np.random.RandomState(3))
+    path = str(tmp_path / 'clip.avi')
+    synthetic_ucf101.write_avi(path, frames, 25.0, codec='mpeg4')
+    stacks = list(flow.clip_stacks(video.iter_frames(path), flow.DEFAULT_FLOW, 224))
+    assert len(stacks) == 14 and all(len(planes) == flow.DEFAULT_FLOW.stack for _, planes in stacks)
+    x = flow.stacked(stacks[0][1])
+    assert x.shape == (2 * flow.DEFAULT_FLOW.stack, 224, 224) and x.dtype == np.float32
+    assert np.abs(x).max() <= 127.5 and np.abs(x[0::2]).mean() > 0  # the disk's motion is there, within range

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import VGGNet
 import VGGNet_1024
 import normalizeData
 import rnn
@@ -88,3 +89,21 @@ def test_packing_one_streams_files_as_the_others_is_refused(tiny_ucf, streams):
                                          "with --stream flow"):
         save_hdf5.main(['--lists', os.path.join(root, 'ucfTrainTestlist'), '--out-dir', os.path.join(streams, 'x'),
                         *folders(streams, 'flow')])
+
+
+def test_fine_tuning_the_flow_stream(tiny_ucf, small_vgg, tmp_path):
+    """Two epochs on flow stacks made in two loader processes: the model records its stream and flow settings,
+    every layer learns (conv1_1 moves from its cross-modality start), and extraction reads it as a flow model."""
+    import frameBasedTrain
+    root, _ = tiny_ucf
+    frameBasedTrain.main(['--stream', 'flow', '--data', os.path.join(root, 'UCF-101'), '--lists',
+                          os.path.join(root, 'ucfTrainTestlist'), '--vgg', small_vgg, '--out', str(tmp_path / 'out'),
+                          '--model-out', str(tmp_path / 'flow.model'), '--feature-size', '8', '--batchsize', '15',
+                          '--epoch', '2', '--lr', '0.001', '--loaderjob', '2', '--flow-stack', '3',
+                          '--flow-algorithm', 'dis-ultrafast'])
+    model = VGGNet_1024.load_model(str(tmp_path / 'flow.model'), stream='flow')
+    assert model.in_channels == 6 and model.flow == dict(algorithm='dis-ultrafast', stack=3, bound=20.0,
+                                                         subtract_mean=True)
+    vgg, _ = VGGNet.load_vgg(small_vgg)
+    start = np.repeat(vgg.conv1_1.W.array.mean(axis=1, keepdims=True), 6, axis=1)
+    assert not np.allclose(model.conv1_1.W.array, start) and model.provenance['options']['dropout'] == 0.7
