@@ -200,7 +200,7 @@ def main(argv=None):
         model.to_cpu()
         VGGNet.save_model(model, args.model_out, make_provenance(
             'frameBasedTrain.py', split=args.split, insize=model.insize, vgg=vgg, options=vars(args),
-            **(dict(stream='flow', flow=flow._asdict()) if flow else {})))
+            classes=read_class_index(args.lists), **(dict(stream='flow', flow=flow._asdict()) if flow else {})))
     print(f'wrote {args.model_out}; log, loss.png and accuracy.png in {args.out}/', file=sys.stderr)
 
 

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 
 from ucf.errors import DataError, warn
-from ucf.files import atomic_path, check_outputs, ensure_space
+from ucf.files import check_outputs, ensure_space
 from ucf.flags import HelpFormatter
-from ucf.packed_hdf5 import PackedFile, write_packed
+from ucf.packed_hdf5 import FeatureStats, PackedFile, write_packed
 from ucf.provenance import make_provenance, provenance_text
 from ucf.runcontrol import Progress, exit_on_user_error
 from ucf.streams import NETWORK_STREAMS, StreamPath, add_stream_flag, apply_stream
@@ -67,20 +67,17 @@ def feature_statistics(packed):
     return mean, np.sqrt(m2 / count), count, left_out
 
 
-def normalized_items(packed, mean, std, left_out=None):
+def normalized_items(packed, stats, left_out=None):
     """(name, label, normalised frames) of each clip of a packed file, in float32 and in place; (name, label,
     None) for a clip left out (write_packed records it). `left_out`: the clips the statistics pass found NaN or
     inf in (every other one is finite); None: check each clip here, report and leave out the bad ones."""
-    mean, std = mean.astype(np.float32), std.astype(np.float32)
     for name, label, x in packed.items():
         if name in left_out if left_out is not None else not np.isfinite(x).all():
             if left_out is None:
                 report_nonfinite(packed.path, name)
             yield name, label, None
             continue
-        x -= mean
-        x /= std
-        yield name, label, x
+        yield name, label, stats.normalize(x)
 
 
 def main(argv=None):
@@ -103,15 +100,15 @@ def main(argv=None):
         if constant.any():
             warn(f'{int(constant.sum())} of {len(std)} feature dimensions never vary in the training set '
                  '(dead fc7 units); they normalise to 0')
-        safe_std = np.where(constant, 1.0, std)
-        with atomic_path(args.stats) as tmp, open(tmp, 'wb') as f:
-            np.savez(f, mean=mean.astype(np.float32), std=safe_std.astype(np.float32), frames=count,
-                     constant=constant)
+        stats = FeatureStats(mean, np.where(constant, 1.0, std), count, constant,
+                             make_provenance('normalizeData.py', input=train.record))
+        stats.save(args.stats)
         for packed, out, known in ((train, args.train_out, left_out), (test, args.test_out, None)):
             ensure_space(out, os.path.getsize(packed.path))
             record = make_provenance('normalizeData.py', input=packed.record,
-                                     statistics=dict(path=os.path.abspath(args.train), frames=int(count)))
-            n_clips, n_frames = write_packed(out, normalized_items(packed, mean, safe_std, known), len(packed),
+                                     statistics=dict(path=os.path.abspath(args.train), frames=int(count),
+                                                     digest=stats.digest))
+            n_clips, n_frames = write_packed(out, normalized_items(packed, stats, known), len(packed),
                                              packed.classes, split=packed.split, subset=packed.subset,
                                              kind='normalized features', provenance=provenance_text(record))
             print(f'wrote {out}: {n_clips} clips, {n_frames} frames'

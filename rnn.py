@@ -18,6 +18,7 @@ lstm_results.npz for confusion.py.
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import collections
+import os
 import sys
 import time
 
@@ -31,13 +32,13 @@ from chainer import training
 from chainer.training import extensions
 
 from helperFunctions import PADDING, pad_sequence
-from ucf.errors import warn
+from ucf.errors import DataError, warn
 from ucf.fast_lstm import ExpSigmoid, LeanAdam, LSTMLayer
 from ucf.files import atomic_path, check_outputs
 from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,
                        positive_float, positive_int, use_device)
 from ucf.packed_hdf5 import PackedFile
-from ucf.provenance import extraction_of, make_provenance, provenance_text
+from ucf.provenance import extraction_of, make_provenance, parse_provenance, provenance_text
 from ucf.results import TOPK, Results, format_accuracy, topk_accuracies
 from ucf.streams import StreamPath, add_stream_flag, apply_stream
 from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error, rate_eta_extension,
@@ -283,6 +284,35 @@ class RNN(chainer.Chain):
         return LSTMLayer.project(self.xp.asarray(frames), up.W.array, up.b.array)
 
 
+def save_model(model, path, record, classes):
+    """rnn.model: the weights (Chainer's names), the class names and the record of what made it, atomically."""
+    weights = chainer.serializers.DictionarySerializer()
+    weights.save(model)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, provenance=np.array(record), classes=np.array(classes), **weights.target)
+
+
+def load_model(path):
+    """(RNN, record, class names or None for a file from before they were saved) of an rnn.model, its shape read
+    from its weights; DataError naming the file when it is missing or not one."""
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: LSTM weights not found; rnn.py writes them (Part 3)')
+    try:
+        with np.load(path) as f:
+            stored = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f'{path}: not a readable npz file ({type(e).__name__}); make it again with rnn.py') from None
+    layers = sum(1 for k in stored if k.startswith('upward/') and k.endswith('/W'))
+    if not layers or 'fc/W' not in stored or 'out/W' not in stored:
+        raise DataError(f'{path} holds no LSTM weights (upward/0/W, fc/W, out/W): not an rnn.model of rnn.py')
+    hidden, n_in = stored['lateral/0/W'].shape[1], stored['upward/0/W'].shape[1]
+    model = RNN(n_in, hidden, layers, stored['fc/W'].shape[0], stored['out/W'].shape[0],
+                batchnorm='bn/gamma' in stored)
+    chainer.serializers.NpzDeserializer(stored).load(model)
+    classes = [str(c) for c in stored['classes']] if 'classes' in stored else None
+    return model, parse_provenance(stored['provenance'][()] if 'provenance' in stored else None), classes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training: truncated BPTT, the optimiser, the trainer
 # ----------------------------------------------------------------------------------------------------------
@@ -476,6 +506,32 @@ def projected_log_probs(model, sequences, chunk=INFERENCE_CHUNK):
     return [y[i, :n] for i, n in enumerate(lengths)]
 
 
+def sequence_scores(model, features, techniques, seqlen, segments=5, padding='reverse', chunk=INFERENCE_CHUNK):
+    """({technique: scores}, the log softmax at every step) of one sequence of features (frames x dims: a memory
+    map will do), scored as evaluate() scores a clip, but read `chunk` frames at a time with the LSTM's state
+    carried over: a video of any length in memory bounded by the chunk (and by its steps' log softmax, frames x
+    classes). The other techniques' sequences are read as they name them."""
+    n, xp = len(features), model.xp
+    steps = []
+    model.reset_state()
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        for start in range(0, n, chunk):
+            gates = model.project_frames(np.asarray(features[start:start + chunk]))[:, None]  # time, batch 1
+            y = F.log_softmax(F.reshape(model(None, projected=xp.ascontiguousarray(gates)),
+                                        (-1, model.out.W.shape[0])))
+            steps.append(chainer.backends.cuda.to_cpu(y.array))
+    whole = np.concatenate(steps)
+    scores = {}
+    for t in techniques:
+        technique = INFERENCE[t]
+        if technique.sequences is whole_clip:  # the pass above
+            scores[t] = technique.score([whole])
+        else:
+            rows = technique.sequences(n, seqlen, segments, padding)
+            scores[t] = technique.score(step_log_probs(model, [np.asarray(features[r]) for r in rows]))
+    return scores, whole
+
+
 def whole_clip(n, seqlen, segments, padding):
     """The frames a whole-clip technique runs over: the clip, once (no padding)."""
     return [np.arange(n)]
@@ -582,10 +638,7 @@ def main(argv=None):
         model.to_cpu()
         record = provenance_text(make_provenance('rnn.py', train=train.record, test=test.record,
                                                  options=vars(args)))
-        weights = chainer.serializers.DictionarySerializer()
-        weights.save(model)
-        with atomic_path(args.model_out) as tmp, open(tmp, 'wb') as f:
-            np.savez(f, provenance=np.array(record), **weights.target)
+        save_model(model, args.model_out, record, test.classes)
         Results(test.names, test.labels, scores[args.inference[0]], test.classes, split=test.split, model='lstm',
                 stream=args.stream, inference=args.inference[0], provenance=record).save(args.results)
     final = {t: topk_accuracies(test.labels, scores[t]) for t in args.inference}

@@ -35,14 +35,14 @@ from helperFunctions import check_clips_on_disk, read_class_index, read_split
 from ucf.errors import DataError, warn
 from ucf.extraction import ExtractionStore, FailureLog
 from ucf.files import atomic_path
-from ucf.flow import FLOW_PREPROCESSING, FlowSettings, clip_stacks, stacked
+from ucf.flow import FLOW_PREPROCESSING, FlowSettings
 from ucf.flags import (HelpFormatter, add_conv_flag, add_data_flags, add_device_flag, add_output_folder_flags,
                        nonnegative_int, output_folders, positive_int, use_device)
-from ucf.preprocessing import PREPROCESSING, preprocess_frame
+from ucf.preprocessing import PREPROCESSING
 from ucf.provenance import make_provenance
 from ucf.runcontrol import Progress, check_memory, exit_on_user_error
-from ucf.streams import NETWORK_STREAMS, StreamPath, add_stream_flag, apply_stream
-from ucf.video import VideoError, header_frame_count, iter_frames, video_info
+from ucf.streams import NETWORK_STREAMS, STREAM_INPUTS, StreamPath, add_stream_flag, apply_stream
+from ucf.video import VideoError, header_frame_count, video_info
 
 
 def split_clips(data_root, lists, split, subsets=('train', 'test'), skip_missing=False):
@@ -88,22 +88,6 @@ def extraction_record(args, model):
                                         source=source.get('source'), step=source.get('step')), **stream)
     record['tag'] = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     return record
-
-
-def rgb_inputs(path, insize, flow):
-    """The RGB stream's input of every frame of a clip, in order: a function that writes it into a batch."""
-    for frame in iter_frames(path):
-        yield functools.partial(preprocess_frame, frame, insize)
-
-
-def flow_inputs(path, insize, flow):
-    """The flow stream's input of every frame of a clip, in order (its stack of fields, ucf/flow.py)."""
-    for _, planes in clip_stacks(iter_frames(path), flow, insize):
-        yield functools.partial(stacked, planes)
-
-
-# What each stream's network reads of a clip's frames.
-STREAM_INPUTS = {'rgb': rgb_inputs, 'flow': flow_inputs}
 
 
 def produce(jobs, data_root, inputs, batch_shape, out, stop):

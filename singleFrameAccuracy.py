@@ -25,22 +25,14 @@ from ucf.flags import HelpFormatter, fraction
 from ucf.packed_hdf5 import PackedFile
 from ucf.provenance import make_provenance, provenance_text
 from ucf.report import report_model
-from ucf.results import Results, format_accuracy, topk_accuracies
+from ucf.results import Results, format_accuracy, single_frame_score, topk_accuracies
 from ucf.runcontrol import exit_on_user_error
 from ucf.streams import StreamPath, add_stream_flag, apply_stream, stream_path
 
-LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
-
-
 def clip_scores(*streams, weights=(1.0,)):
-    """(scores clips x classes) of packed files of per-frame predictions (one, or the two streams' aligned): each
-    clip's log of its frames' probabilities (averaged over the streams with `weights`) summed over its frames."""
-    first = streams[0]
-    scores = np.empty((len(first), len(first.classes)), np.float64)
-    for i in range(len(first)):
-        prob = sum(w * s.read(i).astype(np.float64) for w, s in zip(weights, streams))
-        scores[i] = np.log(np.maximum(prob, LOG_FLOOR)).sum(axis=0)
-    return scores
+    """(scores clips x classes) of packed files of per-frame predictions (one, or the two streams' aligned):
+    each clip's single_frame_score."""
+    return np.stack([single_frame_score([s.read(i) for s in streams], weights) for i in range(len(streams[0]))])
 
 
 def main(argv=None):

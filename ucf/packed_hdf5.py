@@ -116,6 +116,51 @@ class PackedFile:
                             f'{name}: {mine} and {their}): their frames cannot be paired; {advice}')
 
 
+class FeatureStats:
+    """The training set's per-dimension mean and standard deviation (feature_stats1024.npz): normalizeData.py
+    writes it and normalises with it; anything that meets new features of the same extraction (classifyVideo.py)
+    normalises them with it. `record` says what it was computed on; `digest` names its numbers, and the normalised
+    files record it, so that features and statistics are never paired across extractions."""
+
+    def __init__(self, mean, std, frames, constant, record=None):
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.frames, self.constant, self.record = int(frames), np.asarray(constant, bool), record or {}
+
+    @property
+    def digest(self):
+        from ucf.provenance import array_digest
+        return array_digest(dict(mean=self.mean, std=self.std))
+
+    def normalize(self, x):
+        """Frames x dims features, normalised (float32, in place where `x` is float32)."""
+        x = np.asarray(x, np.float32)
+        x -= self.mean
+        x /= self.std
+        return x
+
+    def save(self, path):
+        from ucf.provenance import provenance_text
+        with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+            np.savez(f, mean=self.mean, std=self.std, frames=self.frames, constant=self.constant,
+                     provenance=np.array(provenance_text(self.record)))
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.isfile(path):
+            raise DataError(f'{path}: normalisation statistics not found; normalizeData.py writes them (Part 2)')
+        try:
+            with np.load(path) as f:
+                stored = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f'{path}: not a readable statistics file ({type(e).__name__}); make it again with '
+                            'normalizeData.py') from None
+        if not {'mean', 'std', 'frames'} <= set(stored):
+            raise DataError(f'{path} holds no mean, std and frames: not the statistics normalizeData.py writes')
+        record = parse_provenance(stored['provenance'][()]) if 'provenance' in stored else {}
+        return cls(stored['mean'], stored['std'], stored['frames'], stored.get('constant', np.zeros(0, bool)),
+                   record)
+
+
 def write_packed(out_path, items, total, classes, **attrs):
     """Write (name, label, frames x dims array) items as one HDF5 file, one dataset per clip, atomically. An item
     whose array is None is a clip the writer left out (normalizeData.py: NaN or inf): its name is recorded.

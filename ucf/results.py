@@ -32,6 +32,16 @@ def format_accuracy(accuracies):
     return 'Accuracy(top 1, top 5, top 10): (' + ','.join(f'{a:.3f}' for a in accuracies) + ')'
 
 
+LOG_FLOOR = 1e-30  # a float32 softmax can underflow to 0; log(0) would make one frame veto a class
+
+
+def single_frame_score(probabilities, weights=(1.0,)):
+    """A clip's single-frame score (classes): the sum over its frames of the log of their probabilities (frames x
+    classes; of one stream, or of several whose frames pair one to one, averaged with `weights`)."""
+    prob = sum(w * p.astype(np.float64) for w, p in zip(weights, probabilities))
+    return np.log(np.maximum(prob, LOG_FLOOR)).sum(axis=0)
+
+
 def per_class_accuracy(counts):
     """Recall of each class from a confusion count matrix (NaN for a class with no test clip)."""
     with np.errstate(invalid='ignore', divide='ignore'):

@@ -11,7 +11,12 @@ With two-stream, what a step writes gets '_twostream' and what it reads comes fr
 and its flow flags). A path given on the command line is taken as it is.
 """
 import collections
+import functools
 import os
+
+from ucf.flow import clip_stacks, stacked
+from ucf.preprocessing import preprocess_frame
+from ucf.video import iter_frames
 
 Stream = collections.namedtuple('Stream', 'suffix help')
 STREAMS = {
@@ -56,3 +61,19 @@ def apply_stream(args):
                       'rgb' if value.role == 'input' and args.stream == 'two-stream' else args.stream)
             setattr(args, name, stream_path(value, stream))
     return args
+
+
+def rgb_inputs(path, insize, flow):
+    """The RGB stream's input of every frame of a clip, in order: a function that writes it into a batch."""
+    for frame in iter_frames(path):
+        yield functools.partial(preprocess_frame, frame, insize)
+
+
+def flow_inputs(path, insize, flow):
+    """The flow stream's input of every frame of a clip, in order (its stack of fields, ucf/flow.py)."""
+    for _, planes in clip_stacks(iter_frames(path), flow, insize):
+        yield functools.partial(stacked, planes)
+
+
+# What each stream's network reads of a clip's frames (extraction and classifyVideo.py read them alike).
+STREAM_INPUTS = {'rgb': rgb_inputs, 'flow': flow_inputs}

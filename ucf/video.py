@@ -160,6 +160,13 @@ def video_info(path):
                          seek)
 
 
+def frame_rate(path):
+    """The clip's frame rate as its container states it, exactly (a Fraction: 30000/1001, not 29.97)."""
+    container, stream = _open_video(path)
+    with container:
+        return stream.average_rate or stream.guessed_rate or stream.base_rate or fractions.Fraction(25)
+
+
 def _frames_come_in_timestamp_order(path, frames=60):
     """Whether the decoder's first `frames` frames come out with increasing timestamps. Checked where every
     packet's presentation time equals its decoding time: right for a stream without B-frames, but a stream copy
