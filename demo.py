@@ -84,7 +84,17 @@ def main(argv=None):
     times['flow report'] = step('Which classes the flow stream improves (confusion.py --compare)', 'confusion.py',
                                 '--compare', 'singleFrame_results.npz', 'singleFrame_results_twostream.npz',
                                 '--top', '5', cwd=work)
+    clips = [first_test_clip(work, name) for name in ('SlideLeft', 'Grow')]
+    times['classify'] = step('Classify a test clip of each motion pair (classifyVideo.py)', 'classifyVideo.py',
+                             *clips, '--stream', 'two-stream', '--annotate', 'classified', '--out', 'classified',
+                             cwd=work)
     summarize(work, time.time() - started, times)
+
+
+def first_test_clip(work, class_name):
+    """The path of the first test clip of a class in split 1's list."""
+    with open(os.path.join(work, 'ucfTrainTestlist', 'testlist01.txt')) as f:
+        return next(os.path.join('UCF-101', line.strip()) for line in f if line.startswith(class_name + '/'))
 
 
 # The results the demo ends with, in the handout's form: (label, file).
@@ -122,7 +132,8 @@ def summarize(work, seconds, times):
               f'{per_class["two-stream single frame"][c]:.2f}')
     print(f'plots and tables: {work}/report/ (confusion matrices, improvement.md/.png, and the flow stream\'s '
           f'improvement_singleFrame_to_singleFrame_twostream.md/.png), {work}/result_frame/, result_frame_flow/, '
-          f'result_lstm/ and result_lstm_twostream/ (training curves)')
+          f'result_lstm/ and result_lstm_twostream/ (training curves); two test clips classified, their '
+          f'probabilities along them and the clips with their predictions drawn: {work}/classified/ (.png, .mp4)')
     print('per-step times: ' + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()))
     return summary
 
