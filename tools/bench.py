@@ -439,6 +439,52 @@ def flow_sampling_rate(folder, lists, samples):
     return rates
 
 
+def classify_figures(folder, strides=(1, 5)):
+    """classifyVideo.py on 10 s of 320x240 video (25 fps, XVID) with models of the real sizes (VGG16 at 224x224,
+    fc7 1024, 101 classes; the LSTM 1024 -> 512), random weights, on this machine's CPUs: seconds in all and by
+    stage (decoding and preprocessing, the network, the LSTM, the picture, drawing, encoding), at each stride."""
+    import contextlib
+    import io
+
+    import synthetic_ucf101
+    import VGGNet
+    import VGGNet_1024
+    import classifyVideo
+    import rnn
+    from ucf.packed_hdf5 import FeatureStats
+    from ucf.provenance import make_provenance, provenance_text
+    clip = os.path.join(folder, 'ten_seconds.avi')
+    if not os.path.exists(clip):
+        frames = synthetic_ucf101.render_clip('SlideRight', 0, +1, 8, 252, 320, 240, np.random.RandomState(0))
+        synthetic_ucf101.write_avi(clip, frames, 25.0, codec='mpeg4')
+    classes = [f'Class{i:03d}' for i in range(101)]
+    np.random.seed(0)
+    model = VGGNet_1024.VGGNet_1024(101)
+    model_path, stats_path, rnn_path = (os.path.join(folder, name) for name in ('classify_vgg.model',
+                                                                                 'classify_stats.npz',
+                                                                                 'classify_rnn.model'))
+    VGGNet.save_model(model, model_path, {'source': 'random-init(bench)', 'classes': classes})
+    digest = VGGNet_1024.load_model(model_path).provenance['digest']
+    extraction = dict(step='saveFeatures_1024.py', tag='bench', model=dict(digest=digest))
+    stats = FeatureStats(np.zeros(1024), np.ones(1024), 1, np.zeros(1024, bool),
+                         make_provenance('normalizeData.py', input=dict(extraction=extraction)))
+    stats.save(stats_path)
+    trained = dict(step='normalizeData.py', input=dict(extraction=extraction),
+                   statistics=dict(digest=stats.digest, frames=1))
+    rnn.save_model(rnn.RNN(1024, 512, 1, 512, 101), rnn_path, provenance_text(make_provenance(
+        'rnn.py', train=trained, options=dict(seqlen=120, segments=5, padding='reverse', stream='rgb'))), classes)
+    figures = {}
+    for stride in strides:
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            video = classifyVideo.main([clip, '--model', model_path, '--stats', stats_path, '--rnn', rnn_path,
+                                        '--stride', str(stride), '--out', os.path.join(folder, 'classified'),
+                                        '--annotate', os.path.join(folder, f'labelled_{stride}.mp4')])[0]
+        figures[stride] = dict(seconds=time.perf_counter() - start, stages=video['seconds'],
+                               frames=video['frames'], classified=video['classified'])
+    return figures
+
+
 def sampling_rate(folder, lists, samples):
     from helperFunctions import random_augmentation, read_split
     from ucf.frame_dataset import RandomFrameDataset
@@ -653,7 +699,8 @@ def main(argv=None):
     p.add_argument('--stacks', nargs='+', metavar='PYTHON', default=[],
                    help="interpreters of each stack's venv (e.g. .venv/bin/python .venv-other/bin/python): "
                         "fast_conv's speed under each, side by side (make bench passes both where it finds them)")
-    p.add_argument('--only', nargs='+', choices=('decoding', 'flow', 'lstm', 'evaluation', 'packing', 'stacks'),
+    p.add_argument('--only', nargs='+', choices=('decoding', 'flow', 'classify', 'lstm', 'evaluation', 'packing',
+                                                 'stacks'),
                    help='measure these again and update the existing results (bench/results.json)')
     p.add_argument('--packing-only', action='store_true', help='the same as --only packing')
     args = p.parse_args(argv)
@@ -664,7 +711,7 @@ def main(argv=None):
     if only and os.path.exists(os.path.join(args.out, 'results.json')):
         with open(os.path.join(args.out, 'results.json')) as f:
             r = json.load(f)
-    elif only - {'stacks', 'flow'}:
+    elif only - {'stacks', 'flow', 'classify'}:
         raise SystemExit(f'--only needs the results of a whole run in {args.out}/results.json: run `make bench` first')
     else:
         os.makedirs(args.out, exist_ok=True)
@@ -691,6 +738,9 @@ def main(argv=None):
         r['flow'] = flow_figures(work, rounds)
         r['flow']['samples_per_s'] = flow_sampling_rate(os.path.join(work, 'UCF-101'),
                                                         os.path.join(work, 'ucfTrainTestlist'), 40 if args.quick else 120)
+    if not only or 'classify' in only:
+        print('classifying 10 s of video ...', file=sys.stderr, flush=True)
+        r['classify'] = classify_figures(work)
     if not only:
         r['sample_cold_per_s'], r['sample_warm_per_s'] = sampling_rate(
             os.path.join(work, 'UCF-101'), os.path.join(work, 'ucfTrainTestlist'), 60 if args.quick else 200)
@@ -722,11 +772,25 @@ def write_results(out, r):
     with open(os.path.join(out, 'results.json'), 'w') as f:
         json.dump(r, f, indent=1)
     table = ((report(r) + '\n' if 'sgemm_gflops' in r else '') + (stacks_report(r['stacks']) + '\n' if r.get('stacks') else '')
-             + (flow_report(r['flow']) if r.get('flow') else ''))
+             + (flow_report(r['flow']) + '\n' if r.get('flow') else '')
+             + (classify_report(r['classify'], r['machine']['cpus']) if r.get('classify') else ''))
     with open(os.path.join(out, 'results.md'), 'w') as f:
         f.write(table)
     print(table)
     return r
+
+
+def classify_report(c, cpus):
+    """classifyVideo.py's table: seconds per 10 s of 320x240 video, by stage, at each stride."""
+    stages = ['decode and inputs', 'network', 'LSTM', 'picture', 'drawing', 'encoding']
+    lines = [f'classifyVideo.py on 10 s of 320x240 video (25 fps), VGG16 at 224x224 and the LSTM of the real sizes, '
+             f'{cpus} CPU cores, --annotate', '', '| stride | frames classified | seconds | '
+             + ' | '.join(stages) + ' | the rest (loading the models) |', '|---:|---:|---:|' + '---:|' * (len(stages) + 1)]
+    for stride, f in c.items():
+        rest = f['seconds'] - sum(f['stages'].values())
+        lines.append(f'| {stride} | {f["classified"]} of {f["frames"]} | {f["seconds"]:.1f} | '
+                     + ' | '.join(f'{f["stages"].get(s, 0):.1f}' for s in stages) + f' | {rest:.1f} |')
+    return '\n'.join(lines) + '\n'
 
 
 def flow_report(f):
