@@ -22,7 +22,7 @@ import numpy as np
 from ucf import fast_conv
 from ucf.caffemodel import caffemodel_layers
 from ucf.errors import DataError
-from ucf.files import atomic_path
+from ucf.files import atomic_path, read_npz
 from ucf.flags import positive_int
 from ucf.provenance import array_digest, make_provenance, parse_provenance, provenance_text
 from ucf.runcontrol import exit_on_user_error
@@ -217,13 +217,7 @@ def input_channels(params):
 
 def read_params(path, what='VGG16 weights', how=HOW_TO_GET):
     """{name: array} of a model file; DataError naming the file and how to make it if it is absent or broken."""
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: {what} not found. {how}')
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as e:
-        raise DataError(f'{path}: not a readable npz file of {what} ({e}). {how}') from e
+    return read_npz(path, what, how)
 
 
 def load_vgg(path, conv='stock'):

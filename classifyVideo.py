@@ -44,7 +44,7 @@ from ucf.packed_hdf5 import FeatureStats
 from ucf.provenance import describe_extraction, extraction_of
 from ucf.results import single_frame_score
 from ucf.runcontrol import exit_on_user_error
-from ucf.streams import STREAM_INPUTS, StreamPath, add_stream_flag, apply_stream
+from ucf.streams import STREAM_INPUTS, StreamPath, add_stream_flag, add_stream_input, apply_stream
 from ucf.video import VideoError, frame_rate, iter_frames, video_info
 
 
@@ -53,14 +53,8 @@ def parse_args(argv=None):
     p.add_argument('videos', nargs='+', help='video files, or folders holding them (searched below)')
     models = p.add_argument_group('the trained models (the handout\'s names)')
     add_stream_flag(models)
-    models.add_argument('--model', default=StreamPath('VGG_1024.model', 'input'),
-                        help='the fine-tuned network (two-stream: the rgb stream\'s)')
-    models.add_argument('--stats', default=StreamPath('feature_stats1024.npz', 'input'),
-                        help='its features\' normalisation statistics (normalizeData.py)')
-    models.add_argument('--flow-model', default=StreamPath('VGG_1024.model', 'flow'),
-                        help='two-stream: the flow stream\'s network')
-    models.add_argument('--flow-stats', default=StreamPath('feature_stats1024.npz', 'flow'),
-                        help='two-stream: the flow stream\'s statistics')
+    add_stream_input(models, '--model', 'VGG_1024.model', 'fine-tuned network')
+    add_stream_input(models, '--stats', 'feature_stats1024.npz', 'normalisation statistics (normalizeData.py)')
     models.add_argument('--rnn', default=StreamPath('rnn.model'), help='the LSTM (rnn.py)')
     models.add_argument('--lists', default='ucfTrainTestlist',
                         help='classInd.txt, for the class names where the models do not record them')

@@ -18,7 +18,6 @@ lstm_results.npz for confusion.py.
 import ucf  # noqa: F401  (first: from here on a Ctrl-C is one line, while the libraries load too)
 import argparse
 import collections
-import os
 import sys
 import time
 
@@ -34,13 +33,13 @@ from chainer.training import extensions
 from helperFunctions import PADDING, pad_sequence
 from ucf.errors import DataError, warn
 from ucf.fast_lstm import ExpSigmoid, LeanAdam, LSTMLayer
-from ucf.files import atomic_path, check_outputs
+from ucf.files import atomic_path, check_outputs, read_npz
 from ucf.flags import (HelpFormatter, add_device_flag, add_resume_flag, fraction, nonnegative_float, nonnegative_int,
                        positive_float, positive_int, use_device)
 from ucf.packed_hdf5 import PackedFile
 from ucf.provenance import extraction_of, make_provenance, parse_provenance, provenance_text
 from ucf.results import TOPK, Results, format_accuracy, topk_accuracies
-from ucf.streams import StreamPath, add_stream_flag, apply_stream
+from ucf.streams import StreamPath, add_stream_flag, add_stream_input, apply_stream
 from ucf.runcontrol import (INPUT_PREFIX, PlainLines, RunRecord, check_memory, exit_on_user_error, rate_eta_extension,
                             resume_trainer, stop_on_divergence)
 
@@ -56,14 +55,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group('data')
     add_stream_flag(data)
-    data.add_argument('--train', default=StreamPath('train1024_norm.hdf5', 'input'),
-                      help='normalised training features (two-stream: the rgb stream\'s)')
-    data.add_argument('--test', default=StreamPath('test1024_norm.hdf5', 'input'),
-                      help='normalised test features (two-stream: the rgb stream\'s)')
-    data.add_argument('--flow-train', default=StreamPath('train1024_norm.hdf5', 'flow'),
-                      help='two-stream: the flow stream\'s normalised training features')
-    data.add_argument('--flow-test', default=StreamPath('test1024_norm.hdf5', 'flow'),
-                      help='two-stream: the flow stream\'s normalised test features')
+    add_stream_input(data, '--train', 'train1024_norm.hdf5', 'normalised training features')
+    add_stream_input(data, '--test', 'test1024_norm.hdf5', 'normalised test features')
     data.add_argument('--in-memory', action='store_true', help='load all features into memory (small sets only)')
     model = p.add_argument_group('model')
     model.add_argument('--hidden', type=positive_int, default=512, help='LSTM units per layer')
@@ -295,13 +288,7 @@ def save_model(model, path, record, classes):
 def load_model(path):
     """(RNN, record, class names or None for a file from before they were saved) of an rnn.model, its shape read
     from its weights; DataError naming the file when it is missing or not one."""
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: LSTM weights not found; rnn.py writes them (Part 3)')
-    try:
-        with np.load(path) as f:
-            stored = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f'{path}: not a readable npz file ({type(e).__name__}); make it again with rnn.py') from None
+    stored = read_npz(path, 'LSTM weights', 'rnn.py writes them (Part 3).')
     layers = sum(1 for k in stored if k.startswith('upward/') and k.endswith('/W'))
     if not layers or 'fc/W' not in stored or 'out/W' not in stored:
         raise DataError(f'{path} holds no LSTM weights (upward/0/W, fc/W, out/W): not an rnn.model of rnn.py')

@@ -27,7 +27,7 @@ from ucf.provenance import make_provenance, provenance_text
 from ucf.report import report_model
 from ucf.results import Results, format_accuracy, single_frame_score, topk_accuracies
 from ucf.runcontrol import exit_on_user_error
-from ucf.streams import StreamPath, add_stream_flag, apply_stream, stream_path
+from ucf.streams import StreamPath, add_stream_flag, add_stream_input, apply_stream, stream_path
 
 def clip_scores(*streams, weights=(1.0,)):
     """(scores clips x classes) of packed files of per-frame predictions (one, or the two streams' aligned):
@@ -38,10 +38,7 @@ def clip_scores(*streams, weights=(1.0,)):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_stream_flag(p)
-    p.add_argument('--predictions', default=StreamPath('testPredictions1024.hdf5', 'input'),
-                   help='per-frame predictions (two-stream: the rgb stream\'s)')
-    p.add_argument('--flow-predictions', default=StreamPath('testPredictions1024.hdf5', 'flow'),
-                   help='two-stream: the flow stream\'s per-frame predictions')
+    add_stream_input(p, '--predictions', 'testPredictions1024.hdf5', 'per-frame predictions')
     p.add_argument('--flow-weight', type=fraction, default=0.6,
                    help="two-stream: the flow stream's share of each frame's probabilities")
     p.add_argument('--results', default=StreamPath('singleFrame_results.npz'), help='per-clip scores, for confusion.py')

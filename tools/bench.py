@@ -44,6 +44,18 @@ TORCH_VENV = os.path.join(ROOT, '.venv-torch')
 VGG_BATCHES = (('stock', (1, 8)), ('fast', (1, 8, 32)))
 
 
+def alternating_rounds(runs, rounds):
+    """{name: [seconds of each round]} of functions run in turn, `rounds` times: side by side, so that a change
+    of the machine's load falls on all of them."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def best_time(function, repeat):
     """Smallest wall time of `repeat` calls after one warm-up: the least disturbed by other load."""
     function()
@@ -320,12 +332,7 @@ def decoding_figures(folder, rounds):
         for c in clips:
             for k, frame in enumerate(video.iter_frames(c)):
                 batch[k % len(batch)] = preprocess_v1(frame.rgb, 224)
-    times = {name: [] for name in ('bare', 'v2', 'v1')}
-    for _ in range(rounds):
-        for name, run in (('bare', bare), ('v2', v2), ('v1', v1)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    times = alternating_rounds(dict(bare=bare, v2=v2, v1=v1), rounds)
     differences = np.concatenate([np.abs(preprocessing.preprocess_frame(f, 224)
                                           - preprocess_v1(f.rgb, 224)).ravel()
                                   for c in clips[:3] for f in video.iter_frames(c)])
@@ -409,12 +416,7 @@ def flow_figures(folder, rounds):
         for path, _ in clips:
             for _, planes in flow.clip_stacks(video.iter_frames(path), settings, 224):
                 flow.stacked(planes, out)
-    times = {name: [] for name in ('decode', 'rgb', 'flow')}
-    for _ in range(rounds):
-        for name, run in (('decode', decode), ('rgb', rgb_stream), ('flow', flow_stream)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    times = alternating_rounds(dict(decode=decode, rgb=rgb_stream, flow=flow_stream), rounds)
     figures.update(frames=n_frames, default=settings._asdict(),
                    **{f'{name}_fps': n_frames / min(t) for name, t in times.items()})
     return figures

@@ -171,6 +171,18 @@ def save_npy_atomic(path, array):
     return bytes_digest(buffer.getbuffer())
 
 
+def read_npz(path, what, how):
+    """{name: array} of an npz file the pipeline wrote; DataError naming the file, what it should hold and how to
+    make it (`how`) when it is absent or not a readable npz."""
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: {what} not found. {how}')
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # text, a truncated zip, a pickle: whatever it is, it is not one
+        raise DataError(f'{path}: not a readable npz file of {what} ({e}). {how}') from None
+
+
 def check_outputs(inputs=None, files=None, folders=None):
     """A step's outputs, checked before any work starts ({flag: path} each): no output file is an input or
     another output, and every output can be written (the folders' own, and those of the files). DataError

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from ucf.errors import DataError
-from ucf.files import atomic_path, run_isolated
+from ucf.files import atomic_path, read_npz, run_isolated
 from ucf.provenance import extraction_of, feature_size_mismatch, parse_provenance, same_extraction
 from ucf.runcontrol import Progress
 
@@ -146,14 +146,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path):
-        if not os.path.isfile(path):
-            raise DataError(f'{path}: normalisation statistics not found; normalizeData.py writes them (Part 2)')
-        try:
-            with np.load(path) as f:
-                stored = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f'{path}: not a readable statistics file ({type(e).__name__}); make it again with '
-                            'normalizeData.py') from None
+        stored = read_npz(path, 'normalisation statistics', 'normalizeData.py writes them (Part 2).')
         if not {'mean', 'std', 'frames'} <= set(stored):
             raise DataError(f'{path} holds no mean, std and frames: not the statistics normalizeData.py writes')
         record = parse_provenance(stored['provenance'][()]) if 'provenance' in stored else {}

@@ -53,6 +53,14 @@ def add_stream_flag(group, choices=tuple(STREAMS)):
                        + ', '.join(f'{STREAMS[name].suffix}' for name in choices if STREAMS[name].suffix) + ')')
 
 
+def add_stream_input(group, flag, default, what):
+    """An input flag of a step that reads both streams for two-stream: `flag` (the stream's file; the rgb
+    stream's for two-stream) and its --flow- twin (the flow stream's, read for two-stream only)."""
+    group.add_argument(flag, default=StreamPath(default, 'input'), help=f'{what} (two-stream: the rgb stream\'s)')
+    group.add_argument('--flow-' + flag[2:], default=StreamPath(default, 'flow'),
+                       help=f'two-stream: the flow stream\'s {what}')
+
+
 def apply_stream(args):
     """Give every path flag left at its default (a StreamPath) the suffix of its stream; returns args."""
     for name, value in vars(args).items():
