@@ -413,7 +413,7 @@ def main(argv=None):
         if args.annotate and several and os.path.splitext(args.annotate)[1]:
             raise DataError(f'--annotate {args.annotate}: {len(paths)} videos need a folder for their annotated '
                             'copies (--annotate FOLDER)')
-        check_outputs({'--model': args.model, '--rnn': args.rnn},
+        check_outputs({'--model': args.model, '--rnn': args.rnn, **{f'the video {p}': p for p in paths}},
                       {} if not args.annotate or several else {'--annotate': args.annotate},
                       {'--out': args.out, **({'--annotate': args.annotate} if args.annotate and several else {})})
         models = Models(args)

@@ -46,7 +46,7 @@ class ExtractionStore:
         self.folders = dict(folders)
         self.outputs = tuple(self.folders)
         self.folder = os.path.join(next(iter(self.folders.values())), '.extractions')
-        self._entries, self._log, self._tag = None, None, None
+        self._entries, self._records, self._log, self._tag = None, None, None, None
 
     # ------------------------------------------------------------------------------------------------------
     # The files
@@ -98,6 +98,7 @@ class ExtractionStore:
         if not os.path.isfile(path):
             with atomic_path(path) as tmp, open(tmp, 'w') as f:
                 f.write(provenance_text(dict(record, outputs=list(self.outputs))))
+            self._records = None  # read again, this one with them
         self._log = os.path.join(self.folder, f'{record["tag"]}.{host_name()}.{os.getpid()}.tsv')
         self._tag = record['tag']
 
@@ -110,14 +111,15 @@ class ExtractionStore:
             yield
 
     def records(self):
-        """{tag: extraction record} of every extraction that wrote into these folders."""
+        """{tag: extraction record} of every extraction that wrote into these folders (read once)."""
         import json
-        found = {}
-        for path in glob.glob(os.path.join(self.folder, '*.json')):
-            with contextlib.suppress(OSError, ValueError):
-                with open(path) as f:
-                    found[os.path.basename(path)[:-5]] = json.load(f)
-        return found
+        if self._records is None:
+            self._records = {}
+            for path in glob.glob(os.path.join(self.folder, '*.json')):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(path) as f:
+                        self._records[os.path.basename(path)[:-5]] = json.load(f)
+        return self._records
 
     def entries(self):
         """{clip path: {tag: {output: (size, time, digest)}}} from every job's lines; a line cut short by a kill is
