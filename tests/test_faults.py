@@ -159,7 +159,7 @@ def processes_mentioning(text):
 
 
 @pytest.mark.parametrize('where', ['while the libraries load', 'an extension module initialising'])
-def test_ctrl_c_at_any_instant_is_one_line(where):
+def test_ctrl_c_at_any_instant_is_one_line(where, tmp_path):
     """A Ctrl-C before a step's main() runs (its imports take seconds on a busy node), and one that lands while an
     extension module initialises: pybind11 turns it into 'ImportError: initialization failed' caused by the
     interrupt (matplotlib's Agg backend, imported at the first plot: a fine-tuning run's traceback and exit 1).
@@ -169,10 +169,12 @@ def test_ctrl_c_at_any_instant_is_one_line(where):
             'from ucf.runcontrol import exit_on_user_error\nwith exit_on_user_error():\n'
             '    try:\n        raise KeyboardInterrupt\n    except KeyboardInterrupt as e:\n'
             "        raise ImportError('initialization failed') from e\n")
-    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            preexec_fn=sigint_as_at_a_terminal)
+    (tmp_path / 'a_step.py').write_text(code)
+    result = subprocess.run([sys.executable, str(tmp_path / 'a_step.py')], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, preexec_fn=sigint_as_at_a_terminal, env=dict(os.environ, PYTHONPATH=ROOT))
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 130 and len(lines) == 1 and lines[0].startswith('interrupted:'), result.stderr
+    assert result.returncode == 130 and len(lines) == 1 and lines[0].startswith('interrupted: a_step.py stopped'), \
+        result.stderr
     record('Ctrl-C', f'SIGINT {where}', 'every step', f'exit 130, one line: "{lines[0][:60]}..."')
 
 
