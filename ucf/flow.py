@@ -133,11 +133,8 @@ def stack_from_frames(frames, first, t, n_frames, settings, size, out=None):
     places."""
     if n_frames < 2:
         raise FlowError('the clip', 'one frame: no motion to compute flow from')
-    greys = [grey(_rgb_of(f), size) for f in frames]
-    wanted = stack_fields(t, n_frames - 1, settings.stack)
-    fields = {i: network_input(flow_field(greys[i - first], greys[i - first + 1], settings.algorithm), settings)
-              for i in set(wanted)}
-    return stacked([fields[i] for i in wanted], out)
+    fields = clip_fields(frames, settings, size)  # fields first .. first + len(frames) - 2
+    return stacked(fields[[i - first for i in stack_fields(t, n_frames - 1, settings.stack)]], out)
 
 
 def clip_fields(frames, settings, size):
