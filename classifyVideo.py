@@ -248,6 +248,8 @@ def classify(path, models, args, device, timings):
             w = args.flow_weight
             frame_probs['two-stream single frame'] = (1 - w) * probs['rgb'] + w * probs['flow']
             video['scores']['two-stream single frame'] = single_frame_score([probs['rgb'], probs['flow']], (1 - w, w))
+        for label, score in video['scores'].items():  # a sum over the frames: their mean is the distribution's
+            video['results'][label] = top(distribution(score / len(first)), models.classes, args.top)
         lstm_label = f'{"two-stream " if models.stream == "two-stream" else ""}LSTM [{args.inference}]'
         if len(maps) < len(models.streams) or len(first) < 2:
             video['notes'].append('no LSTM result: ' + ('one frame is no sequence' if len(first) < 2 else
@@ -258,14 +260,12 @@ def classify(path, models, args, device, timings):
             features = Features([maps[s] for s in models.streams])
             scores, steps = rnn.sequence_scores(models.lstm, features, [args.inference], models.seqlen,
                                                 models.segments, models.padding)
-            video['scores'][lstm_label] = scores[args.inference]
+            video['scores'][lstm_label] = scores[args.inference]  # already a mean over the steps
+            video['results'][lstm_label] = top(distribution(scores[args.inference]), models.classes, args.top)
             windows = lstm_windows(models, features, args)
             timings['LSTM'] += time.perf_counter() - started
             del features
         maps.clear()  # the memory maps go before their folder
-    for label, score in video['scores'].items():
-        n = 1 if label.startswith(('LSTM', 'two-stream LSTM')) else len(first)
-        video['results'][label] = top(distribution(score / n), models.classes, args.top)
     video['timeline'] = dict(frame=frame_probs, steps=None if steps is None else np.exp(steps), windows=windows)
     return video
 

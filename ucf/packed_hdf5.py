@@ -16,7 +16,8 @@ import numpy as np
 
 from ucf.errors import DataError
 from ucf.files import atomic_path, read_npz, run_isolated
-from ucf.provenance import extraction_of, feature_size_mismatch, parse_provenance, same_extraction
+from ucf.provenance import (array_digest, extraction_of, feature_size_mismatch, parse_provenance, provenance_text,
+                            same_extraction)
 from ucf.runcontrol import Progress
 
 # What each kind of packed file holds, its usual names and the step that writes it (refusals say what to pass).
@@ -128,7 +129,6 @@ class FeatureStats:
 
     @property
     def digest(self):
-        from ucf.provenance import array_digest
         return array_digest(dict(mean=self.mean, std=self.std))
 
     def normalize(self, x):
@@ -139,7 +139,6 @@ class FeatureStats:
         return x
 
     def save(self, path):
-        from ucf.provenance import provenance_text
         with atomic_path(path) as tmp, open(tmp, 'wb') as f:
             np.savez(f, mean=self.mean, std=self.std, frames=self.frames, constant=self.constant,
                      provenance=np.array(provenance_text(self.record)))
